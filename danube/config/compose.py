@@ -1,0 +1,91 @@
+"""Hydra glue: the schema in ConfigStore, the launcher decorator, DictConfig -> dataclass.
+
+Nothing below `launchers/` sees a DictConfig: launchers call `to_pretrain_config` once.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, OmegaConf
+
+from danube.config.schema import PretrainConfig
+
+SCHEMA_NAME = "danube_pretrain_schema"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+# NeMo's hydra_runner does the same: no outputs/ directory, no chdir, no logging takeover.
+_HYDRA_DEFAULT_OVERRIDES = [
+    "hydra.run.dir=.",
+    "hydra.output_subdir=null",
+    "hydra/job_logging=none",
+    "hydra/hydra_logging=none",
+]
+
+
+def register_schemas() -> None:
+    """Register the typed schema that every YAML in configs/ lists first in `defaults`."""
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=PretrainConfig)
+
+
+def hydra_runner(config_name: str, config_path: Optional[str] = None) -> Callable:
+    """`@hydra.main` that writes nothing (bad configs must leave no trace) and composes
+    against the registered schema. `--config-name`, `--config-path`, `--cfg job` and
+    `key=value` overrides work as with Hydra."""
+
+    def decorator(task: Callable[[DictConfig], None]) -> Callable[[], None]:
+        @functools.wraps(task)
+        def wrapper() -> None:
+            register_schemas()
+            given = {a.split("=", 1)[0].lstrip("+~") for a in sys.argv[1:] if "=" in a}
+            defaults = [o for o in _HYDRA_DEFAULT_OVERRIDES if o.split("=", 1)[0] not in given]
+            sys.argv = [sys.argv[0], *defaults, *sys.argv[1:]]
+            hydra.main(
+                config_path=config_path or str(CONFIG_DIR),
+                config_name=config_name,
+                version_base=None,
+            )(task)()
+
+        return wrapper
+
+    return decorator
+
+
+def to_pretrain_config(cfg: DictConfig) -> PretrainConfig:
+    """Resolve interpolations and return the typed dataclass."""
+    obj = OmegaConf.to_object(cfg)
+    if not isinstance(obj, PretrainConfig):
+        raise TypeError(
+            f"config composed to {type(obj).__name__}, not PretrainConfig: its defaults list "
+            f"must start with '{SCHEMA_NAME}'"
+        )
+    return obj
+
+
+def compose_pretrain_config(
+    config_name: str, overrides: Optional[List[str]] = None, config_dir: Optional[str] = None
+) -> PretrainConfig:
+    """Compose like the launcher does, without running anything (tests, tools)."""
+    register_schemas()
+    GlobalHydra.instance().clear()
+    with hydra.initialize_config_dir(config_dir=str(config_dir or CONFIG_DIR), version_base=None):
+        cfg = hydra.compose(config_name=config_name, overrides=list(overrides or []))
+    return to_pretrain_config(cfg)
+
+
+def to_yaml(config: PretrainConfig) -> str:
+    """The fully resolved config, as saved beside every checkpoint."""
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def load_yaml_config(path: os.PathLike) -> PretrainConfig:
+    """Read a saved resolved config back into the schema (strict: unknown keys fail)."""
+    merged = OmegaConf.merge(OmegaConf.structured(PretrainConfig), OmegaConf.load(path))
+    return OmegaConf.to_object(merged)

@@ -1,0 +1,125 @@
+"""Launch-time checks: the machine, the launch and the files the config points at.
+
+Run after `validate` and before any model or data is built; problems are collected and
+raised with the config's in one `ConfigError`. Nothing here writes anything.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List
+
+import torch
+
+from danube.config.compose import load_yaml_config
+from danube.config.schema import PretrainConfig
+from danube.config.validate import EMBEDDED_PREFIX, blend_paths, world_size
+from danube.runtime import launch_info, transformer_engine_available
+from danube.training.checkpoint_dirs import CONFIG_FILE, is_complete, latest_checkpoint
+
+# Keys whose change makes a checkpoint's weights unusable: checked before resuming.
+ARCHITECTURE_KEYS = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+    "kv_channels", "normalization", "activation", "bias", "position_embedding_type",
+    "share_embeddings_and_output_weights", "make_vocab_size_divisible_by",
+)
+
+
+@dataclass(frozen=True)
+class Machine:
+    world_size: int
+    """Processes in this launch (torchrun/SLURM environment, else 1)."""
+    cuda: bool
+    transformer_engine: bool
+
+
+def detect_machine() -> Machine:
+    return Machine(launch_info().world_size, torch.cuda.is_available(),
+                   transformer_engine_available())
+
+
+def exp_dir(cfg: PretrainConfig) -> Path:
+    return Path(cfg.exp_manager.exp_dir) / cfg.exp_manager.name
+
+
+def checkpoint_root(cfg: PretrainConfig) -> Path:
+    return exp_dir(cfg) / "checkpoints"
+
+
+def _check_machine(cfg: PretrainConfig, machine: Machine, problems: List[str]) -> None:
+    m, want = cfg.model, world_size(cfg)
+    if machine.world_size != want:
+        problems.append(f"launched with {machine.world_size} process(es) but trainer.devices x "
+                        f"trainer.num_nodes = {want}: set trainer.devices={machine.world_size} "
+                        f"(one node) or launch {want} processes (torchrun --nproc_per_node)")
+    if cfg.trainer.accelerator == "gpu" and not machine.cuda:
+        problems.append("trainer.accelerator=gpu but no CUDA device is visible; use "
+                        "trainer.accelerator=auto or cpu")
+    gpu_te = machine.cuda and machine.transformer_engine and cfg.trainer.accelerator != "cpu"
+    if m.fp8 and not gpu_te:
+        missing = "no CUDA GPU" if not machine.cuda else "Transformer Engine is not installed"
+        problems.append(f"model.fp8=true needs Transformer Engine on a CUDA GPU (Hopper or "
+                        f"newer), but {missing}: set model.fp8=false to train in bf16 here")
+    if m.context_parallel_size > 1 and not gpu_te:
+        problems.append("model.context_parallel_size > 1 needs Transformer Engine's attention "
+                        "on a CUDA GPU; set it to 1 here")
+    if m.attention_backend in ("flash", "fused", "unfused") and not gpu_te:
+        problems.append(f"model.attention_backend={m.attention_backend} is a Transformer Engine "
+                        "backend, unavailable here; use auto, sdpa or local")
+    if importlib.util.find_spec("psutil") is None:
+        problems.append("psutil is not installed: megatron-core's checkpoint writer hangs "
+                        "without it; pip install psutil")
+
+
+def _check_files(cfg: PretrainConfig, problems: List[str]) -> None:
+    m = cfg.model
+    for prefix in blend_paths(m.data):
+        if prefix.startswith(EMBEDDED_PREFIX):
+            continue
+        missing = [ext for ext in (".bin", ".idx") if not Path(prefix + ext).is_file()]
+        if missing:
+            problems.append(f"model.data.data_prefix: {prefix}{' and '.join(missing)} not found; "
+                            "point it at an indexed dataset prefix (files <prefix>.bin and "
+                            "<prefix>.idx, e.g. from launchers/prepare_data.py)")
+    if m.tokenizer.library == "huggingface" and m.tokenizer.model:
+        path = Path(m.tokenizer.model)
+        json_path = path / "tokenizer.json" if path.is_dir() else path
+        if not json_path.is_file():
+            problems.append(f"model.tokenizer.model: no tokenizer file at {json_path}")
+
+
+def _check_checkpoints(cfg: PretrainConfig, problems: List[str]) -> None:
+    em = cfg.exp_manager
+    latest = latest_checkpoint(checkpoint_root(cfg))
+    if latest is not None and not em.resume_if_exists:
+        problems.append(f"{checkpoint_root(cfg)} already holds checkpoints (newest: "
+                        f"{latest.name}) and exp_manager.resume_if_exists=false would overwrite "
+                        "them: set resume_if_exists=true, or choose another exp_manager.name")
+    if latest is None and em.resume_if_exists and not em.resume_ignore_no_checkpoint:
+        problems.append(f"exp_manager.resume_if_exists=true and resume_ignore_no_checkpoint="
+                        f"false, but {checkpoint_root(cfg)} holds no complete checkpoint")
+    restore = cfg.model.restore_from_path
+    if restore and not is_complete(Path(restore)):
+        problems.append(f"model.restore_from_path={restore} is not a complete danube checkpoint "
+                        f"(a step_* directory holding danube_checkpoint.json)")
+    source = latest if (latest is not None and em.resume_if_exists) else (
+        Path(restore) if restore and is_complete(Path(restore)) else None)
+    if source is None or not (source / CONFIG_FILE).is_file():
+        return
+    saved = load_yaml_config(source / CONFIG_FILE).model
+    for key in ARCHITECTURE_KEYS:
+        old, new = getattr(saved, key), getattr(cfg.model, key)
+        if old != new:
+            problems.append(f"model.{key}={new!r} but the checkpoint {source} was trained with "
+                            f"{old!r}; restore the value or start a new experiment name")
+
+
+def preflight(cfg: PretrainConfig, machine: Machine) -> List[str]:
+    """Every launch-time problem (never raises, never writes)."""
+    problems: List[str] = []
+    _check_machine(cfg, machine, problems)
+    _check_files(cfg, problems)
+    _check_checkpoints(cfg, problems)
+    return problems

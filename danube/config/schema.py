@@ -1,0 +1,250 @@
+"""Typed schema of a pretraining config (NeMo 1.x `megatron_gpt_config.yaml` layout).
+
+Registered in Hydra's ConfigStore (`danube.config.hydra`), so unknown keys and wrong types
+fail at composition. Each default lives here, once. Cross-field rules live in
+`danube.config.validate`; launch-time checks (files, TE/CUDA, world size) in
+`danube.config.preflight`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+
+@dataclass
+class TrainerConfig:
+    devices: int = 1
+    """Processes per node (one per GPU; on CPU, gloo processes). torchrun's count must match."""
+    num_nodes: int = 1
+    """Number of nodes; world size = devices x num_nodes."""
+    accelerator: str = "auto"
+    """auto | gpu | cpu. auto picks CUDA (NCCL) when present, else CPU (gloo)."""
+    precision: str = "bf16-mixed"
+    """32 | bf16 | bf16-mixed: fp32 throughout, or bf16 compute with fp32 main weights."""
+    max_steps: int = 100
+    """Optimizer steps to train for (one step = one global batch)."""
+    val_check_interval: int = 50
+    """Run validation every this many steps (and after the last)."""
+    limit_val_batches: int = 4
+    """Global batches per validation run; 0 disables validation."""
+    limit_test_batches: int = 0
+    """Global batches of the test split evaluated after training; 0 skips it."""
+    log_every_n_steps: int = 10
+    """Console, TensorBoard and JSONL logging period, in steps."""
+    gradient_clip_val: float = 1.0
+    """Clip the global gradient L2 norm to this value; 0 disables clipping."""
+
+
+@dataclass
+class CheckpointCallbackParams:
+    every_n_train_steps: int = 100
+    """Save a checkpoint every this many steps (and at the end); 0 saves only at the end."""
+    save_top_k: int = 3
+    """Checkpoints to keep, ranked by `monitor`; the newest one is always kept too."""
+    monitor: str = "step"
+    """step (keep the newest) | val_loss (keep the lowest validation loss)."""
+    save_last: bool = True
+    """Save a checkpoint when training ends."""
+
+
+@dataclass
+class ExpManagerConfig:
+    exp_dir: str = "results"
+    """Root directory of experiments; this run writes to <exp_dir>/<name>."""
+    name: str = "danube"
+    """Experiment name (sub-directory of exp_dir)."""
+    resume_if_exists: bool = True
+    """Resume from the newest complete checkpoint in <exp_dir>/<name>/checkpoints."""
+    resume_ignore_no_checkpoint: bool = True
+    """With resume_if_exists, start from scratch when there is no checkpoint yet."""
+    create_tensorboard_logger: bool = True
+    """Write TensorBoard events to <exp_dir>/<name>/tensorboard."""
+    checkpoint_callback_params: CheckpointCallbackParams = field(
+        default_factory=CheckpointCallbackParams
+    )
+    """When to save checkpoints and how many to keep."""
+
+
+@dataclass
+class TokenizerConfig:
+    library: str = "huggingface"
+    """huggingface (a tokenizer.json, or a directory holding one) | embedded (byte-level BPE
+    trained on the embedded standard-library corpus, cached)."""
+    model: Optional[str] = None
+    """Path of the tokenizer.json (or its directory) for library=huggingface."""
+    vocab_size: int = 8192
+    """Vocabulary size to train for library=embedded (ignored otherwise)."""
+
+
+@dataclass
+class DataConfig:
+    data_prefix: Any = None
+    """NeMo-style blend: [w1, prefix1, w2, prefix2, ...], [prefix], or a dict with train /
+    validation / test lists. A prefix names <prefix>.bin/.idx; `embedded:prose` and
+    `embedded:code` name the built-in corpus."""
+    splits_string: str = "980,10,10"
+    """train,validation,test proportions of each prefix (ignored for a per-split dict)."""
+    seq_length: int = "${model.encoder_seq_length}"  # type: ignore[assignment]
+    """Tokens per training sample; must equal model.encoder_seq_length."""
+    index_mapping_dir: Optional[str] = None
+    """Where GPTDataset caches its index .npy files; default: <exp_dir>/<name>/index_cache."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank."""
+    reset_position_ids: bool = False
+    """Restart position ids after each end-of-document token."""
+    reset_attention_mask: bool = False
+    """Block attention across end-of-document tokens."""
+    eod_mask_loss: bool = False
+    """Exclude end-of-document tokens from the loss."""
+    embedded_cache_dir: Optional[str] = None
+    """Cache of the embedded corpus and tokenizer; default $DANUBE_CACHE or ~/.cache/danube."""
+
+
+@dataclass
+class SchedConfig:
+    name: str = "CosineAnnealing"
+    """CosineAnnealing | LinearAnnealing | Constant (after linear warmup)."""
+    warmup_steps: int = 0
+    """Linear warmup from 0 to optim.lr, in steps."""
+    constant_steps: int = 0
+    """Steps held at min_lr at the end; decay runs until max_steps - constant_steps."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the decay."""
+    max_steps: Optional[int] = None
+    """Decay horizon in steps; default trainer.max_steps (set it to stop a run early
+    without changing its schedule)."""
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    """adamw | fused_adam (same: AdamW) | distributed_fused_adam (AdamW with the optimizer
+    state sharded across data-parallel ranks: megatron-core's distributed optimizer)."""
+    lr: float = 2e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay, not applied to biases and norm weights."""
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    """Adam beta1, beta2."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    """Learning-rate schedule."""
+
+
+@dataclass
+class ModelConfig:
+    micro_batch_size: int = 4
+    """Sequences per forward/backward pass on one data-parallel rank."""
+    global_batch_size: int = 16
+    """Sequences per optimizer step; gradient accumulation = global / (micro x data-parallel)."""
+    tensor_model_parallel_size: int = 1
+    """Tensor (intra-layer) parallel size."""
+    pipeline_model_parallel_size: int = 1
+    """Pipeline (inter-layer) parallel size."""
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    """Model chunks per pipeline rank for the interleaved schedule; null = no interleaving."""
+    context_parallel_size: int = 1
+    """Context (sequence-split attention) parallel size; needs Transformer Engine."""
+    sequence_parallel: bool = False
+    """Split norms/dropout activations along the sequence across the TP group (TP > 1)."""
+    seed: int = 1234
+    """Seed of weight init, dropout and data order."""
+
+    encoder_seq_length: int = 256
+    """Training sequence length in tokens."""
+    max_position_embeddings: int = 256
+    """Longest context the model supports (RoPE tables, exported config)."""
+    num_layers: int = 4
+    """Transformer layers."""
+    hidden_size: int = 256
+    """Model width."""
+    ffn_hidden_size: int = 704
+    """MLP inner width (per branch for SwiGLU)."""
+    num_attention_heads: int = 8
+    """Query heads."""
+    num_query_groups: Optional[int] = None
+    """Key/value heads (grouped-query attention); null = num_attention_heads."""
+    kv_channels: Optional[int] = None
+    """Head dimension; null = hidden_size / num_attention_heads."""
+    window_size: Optional[int] = None
+    """Sliding attention window in tokens, counting the query itself (HF Mistral's
+    `sliding_window`); null = full causal attention."""
+    position_embedding_type: str = "rope"
+    """rope | learned_absolute."""
+    rotary_base: int = 10000
+    """RoPE theta."""
+    rotary_percentage: float = 1.0
+    """Fraction of each head's dimensions rotated by RoPE."""
+    normalization: str = "rmsnorm"
+    """rmsnorm | layernorm."""
+    layernorm_epsilon: float = 1e-5
+    """Epsilon of the norms."""
+    activation: str = "fast-swiglu"
+    """swiglu | fast-swiglu (same) | gelu | squared-relu."""
+    bias: bool = False
+    """Biases in linear layers."""
+    share_embeddings_and_output_weights: bool = False
+    """Tie the input embedding and the LM head."""
+    make_vocab_size_divisible_by: int = 128
+    """Pad the vocabulary to a multiple of this (times TP size)."""
+    init_method_std: float = 0.02
+    """Std of the normal weight init."""
+    hidden_dropout: float = 0.0
+    """Dropout on residual branches."""
+    attention_dropout: float = 0.0
+    """Dropout on attention probabilities."""
+
+    transformer_engine: bool = True
+    """Use Transformer Engine's layer spec when TE and CUDA are present (required for FP8)."""
+    attention_backend: str = "auto"
+    """auto | sdpa | local | flash | fused | unfused. auto: TE's choice with TE, else sdpa
+    (torch SDPA); local: megatron-core's unfused DotProductAttention; flash/fused/unfused
+    force a TE backend."""
+    fp8: bool = False
+    """Train linear layers in FP8 (Hopper or newer, needs TE). The LM head stays bf16."""
+    fp8_e4m3: bool = False
+    """FP8 format e4m3 for all tensors."""
+    fp8_hybrid: bool = True
+    """FP8 format hybrid: e4m3 forward, e5m2 gradients."""
+    fp8_recipe: str = "delayed"
+    """delayed | tensorwise | blockwise | mxfp8 (Blackwell)."""
+    fp8_margin: int = 0
+    """Scaling-factor margin (powers of two)."""
+    fp8_interval: int = 1
+    """Steps between scaling-factor updates (delayed recipe)."""
+    fp8_amax_history_len: int = 1024
+    """Length of the amax history window (delayed recipe)."""
+    fp8_amax_compute_algo: str = "max"
+    """max | most_recent: how the scale is derived from the amax history."""
+
+    activations_checkpoint_granularity: Optional[str] = None
+    """null | selective | full activation recomputation."""
+    activations_checkpoint_method: Optional[str] = None
+    """uniform | block (with granularity=full)."""
+    activations_checkpoint_num_layers: Optional[int] = None
+    """Layers per recomputed chunk (uniform) or recomputed layers per stage (block)."""
+
+    restore_from_path: Optional[str] = None
+    """Initialise the weights from this checkpoint directory (weights only: fresh optimizer,
+    step 0). Ignored when the run resumes from its own checkpoint."""
+
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    """Tokenizer."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Pretraining data."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and schedule."""
+
+
+@dataclass
+class PretrainConfig:
+    name: str = "danube_pretrain"
+    """Config name, for the logs."""
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    """Run length, precision, logging cadence."""
+    exp_manager: ExpManagerConfig = field(default_factory=ExpManagerConfig)
+    """Output directory, checkpoints, resume."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Architecture, parallelism, data, optimizer."""

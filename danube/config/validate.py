@@ -1,0 +1,316 @@
+"""Pure config checks: no filesystem, no devices. Every shipped config passes on any machine.
+
+`validate(cfg)` collects every problem (key path, what is wrong, the fix) and
+`raise_if_problems` raises one `ConfigError` listing them all, before anything is built.
+Launch-time checks (files, TE/CUDA, world size) are in `danube.config.preflight`.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import List, Optional, Tuple
+
+from danube.config.schema import DataConfig, ModelConfig, PretrainConfig
+
+EMBEDDED_PREFIX = "embedded:"
+EMBEDDED_SOURCES = ("prose", "code")
+PRECISIONS = ("32", "bf16", "bf16-mixed")
+
+
+class ConfigError(ValueError):
+    """Every problem of a config, one per line."""
+
+    def __init__(self, problems: List[str]):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{len(self.problems)} problem(s) in the config:\n{lines}")
+
+
+def raise_if_problems(problems: List[str]) -> None:
+    if problems:
+        raise ConfigError(problems)
+
+
+def normalized_precision(precision: str) -> str:
+    """'32' or 'bf16' (bf16 and bf16-mixed mean the same: bf16 compute, fp32 main weights)."""
+    return "32" if str(precision) in ("32", "32-true") else "bf16"
+
+
+def world_size(cfg: PretrainConfig) -> int:
+    return cfg.trainer.devices * cfg.trainer.num_nodes
+
+
+def data_parallel_size(model: ModelConfig, world: int) -> int:
+    model_parallel = (
+        model.tensor_model_parallel_size
+        * model.pipeline_model_parallel_size
+        * model.context_parallel_size
+    )
+    return max(world // max(model_parallel, 1), 1)
+
+
+def num_microbatches(model: ModelConfig, world: int) -> int:
+    """Gradient-accumulation steps per optimizer step on each data-parallel rank."""
+    return model.global_batch_size // (model.micro_batch_size * data_parallel_size(model, world))
+
+
+def parse_blend(prefixes) -> Tuple[Optional[List[str]], Optional[List[float]], List[str]]:
+    """NeMo `data_prefix` list -> (paths, weights or None, problems)."""
+    if not isinstance(prefixes, (list, tuple)) or not prefixes:
+        return None, None, ["must be a non-empty list"]
+    if len(prefixes) == 1:
+        if not isinstance(prefixes[0], str):
+            return None, None, [f"a single entry must be a path prefix, got {prefixes[0]!r}"]
+        return [prefixes[0]], None, []
+    if len(prefixes) % 2:
+        return None, None, ["a blend alternates weight, prefix: it needs an even length"]
+    weights, paths = list(prefixes[0::2]), list(prefixes[1::2])
+    problems = []
+    for w in weights:
+        if isinstance(w, bool) or not isinstance(w, numbers.Real) or w <= 0:
+            problems.append(f"weight {w!r} must be a positive number")
+    for p in paths:
+        if not isinstance(p, str):
+            problems.append(f"prefix {p!r} must be a string")
+    if problems:
+        return None, None, problems
+    return paths, [float(w) for w in weights], []
+
+
+def blend_paths(data: DataConfig) -> List[str]:
+    """Every prefix the config names, in all splits (empty if malformed)."""
+    prefix = data.data_prefix
+    groups = list(prefix.values()) if isinstance(prefix, dict) else [prefix]
+    paths: List[str] = []
+    for group in groups:
+        if group is not None:
+            parsed, _, _ = parse_blend(group)
+            paths += parsed or []
+    return paths
+
+
+def _check_choice(problems, key, value, choices) -> None:
+    if value not in choices:
+        problems.append(f"{key}={value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def _check_positive(problems, section, obj, names, minimum=1) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value < minimum:
+            problems.append(f"{section}.{name}={value} must be >= {minimum}")
+
+
+def _check_trainer(cfg: PretrainConfig, problems: List[str]) -> None:
+    t = cfg.trainer
+    _check_choice(problems, "trainer.precision", str(t.precision), PRECISIONS + ("32-true",))
+    _check_choice(problems, "trainer.accelerator", t.accelerator, ("auto", "gpu", "cpu"))
+    _check_positive(problems, "trainer", t, ["devices", "num_nodes", "val_check_interval",
+                                             "log_every_n_steps"])
+    _check_positive(problems, "trainer", t, ["max_steps", "limit_val_batches",
+                                             "limit_test_batches"], minimum=0)
+    if t.gradient_clip_val < 0:
+        problems.append(f"trainer.gradient_clip_val={t.gradient_clip_val} must be >= 0 (0 = off)")
+    ckpt = cfg.exp_manager.checkpoint_callback_params
+    _check_positive(problems, "exp_manager.checkpoint_callback_params", ckpt,
+                    ["every_n_train_steps"], minimum=0)
+    _check_positive(problems, "exp_manager.checkpoint_callback_params", ckpt, ["save_top_k"])
+    _check_choice(problems, "exp_manager.checkpoint_callback_params.monitor", ckpt.monitor,
+                  ("step", "val_loss"))
+    if ckpt.monitor == "val_loss" and t.limit_val_batches == 0:
+        problems.append("exp_manager.checkpoint_callback_params.monitor=val_loss needs "
+                        "validation: set trainer.limit_val_batches > 0 or monitor=step")
+    if not cfg.exp_manager.name or "/" in cfg.exp_manager.name:
+        problems.append(f"exp_manager.name={cfg.exp_manager.name!r} must be a non-empty "
+                        "directory name without '/'")
+
+
+def _check_architecture(m: ModelConfig, problems: List[str]) -> None:
+    _check_positive(problems, "model", m, ["num_layers", "hidden_size", "ffn_hidden_size",
+                                           "num_attention_heads", "encoder_seq_length",
+                                           "max_position_embeddings", "micro_batch_size",
+                                           "global_batch_size", "make_vocab_size_divisible_by"])
+    _check_choice(problems, "model.position_embedding_type", m.position_embedding_type,
+                  ("rope", "learned_absolute"))
+    _check_choice(problems, "model.normalization", m.normalization, ("rmsnorm", "layernorm"))
+    _check_choice(problems, "model.activation", m.activation,
+                  ("swiglu", "fast-swiglu", "gelu", "squared-relu"))
+    _check_choice(problems, "model.attention_backend", m.attention_backend,
+                  ("auto", "sdpa", "local", "flash", "fused", "unfused"))
+    heads, groups = m.num_attention_heads, m.num_query_groups or m.num_attention_heads
+    if m.num_query_groups is not None and (groups < 1 or heads % groups):
+        problems.append(f"model.num_query_groups={m.num_query_groups}: num_attention_heads "
+                        f"({heads}) must be a multiple of it; use a divisor of {heads}")
+    if m.kv_channels is None and heads > 0 and m.hidden_size % heads:
+        problems.append(f"model.hidden_size={m.hidden_size} is not divisible by "
+                        f"num_attention_heads={heads}; change one or set model.kv_channels")
+    if m.encoder_seq_length > m.max_position_embeddings:
+        problems.append(f"model.encoder_seq_length={m.encoder_seq_length} exceeds "
+                        f"max_position_embeddings={m.max_position_embeddings}; raise the latter")
+    if m.data.seq_length != m.encoder_seq_length:
+        problems.append(f"model.data.seq_length={m.data.seq_length} must equal "
+                        f"model.encoder_seq_length={m.encoder_seq_length}")
+    if m.window_size is not None and not 1 <= m.window_size <= m.max_position_embeddings:
+        problems.append(f"model.window_size={m.window_size} must be between 1 and "
+                        f"max_position_embeddings={m.max_position_embeddings} (null = no window)")
+    if not 0 < m.rotary_percentage <= 1:
+        problems.append(f"model.rotary_percentage={m.rotary_percentage} must be in (0, 1]")
+    for name in ("hidden_dropout", "attention_dropout"):
+        if not 0 <= getattr(m, name) < 1:
+            problems.append(f"model.{name}={getattr(m, name)} must be in [0, 1)")
+    granularity = m.activations_checkpoint_granularity
+    _check_choice(problems, "model.activations_checkpoint_granularity", granularity,
+                  (None, "selective", "full"))
+    if granularity == "full" and (m.activations_checkpoint_method not in ("uniform", "block")
+                                  or not m.activations_checkpoint_num_layers):
+        problems.append("model.activations_checkpoint_granularity=full needs "
+                        "activations_checkpoint_method (uniform|block) and "
+                        "activations_checkpoint_num_layers >= 1")
+
+
+def _check_parallelism(cfg: PretrainConfig, problems: List[str]) -> None:
+    m = cfg.model
+    tp, pp, cp = (m.tensor_model_parallel_size, m.pipeline_model_parallel_size,
+                  m.context_parallel_size)
+    vp = m.virtual_pipeline_model_parallel_size
+    _check_positive(problems, "model", m, ["tensor_model_parallel_size",
+                                           "pipeline_model_parallel_size",
+                                           "context_parallel_size"])
+    if min(tp, pp, cp) < 1:
+        return
+    groups = m.num_query_groups or m.num_attention_heads
+    for name, value in (("num_attention_heads", m.num_attention_heads),
+                        ("num_query_groups", groups), ("ffn_hidden_size", m.ffn_hidden_size)):
+        if value % tp:
+            problems.append(f"model.tensor_model_parallel_size={tp} must divide "
+                            f"model.{name}={value}")
+    stages = pp * (vp or 1)
+    if m.num_layers % stages:
+        problems.append(f"model.num_layers={m.num_layers} must be divisible by pipeline "
+                        f"stages x virtual stages = {stages}")
+    if vp is not None and (vp < 1 or pp < 2):
+        problems.append(f"model.virtual_pipeline_model_parallel_size={vp} needs "
+                        "pipeline_model_parallel_size >= 2 (null disables interleaving)")
+    if m.sequence_parallel and tp < 2:
+        problems.append("model.sequence_parallel=true needs tensor_model_parallel_size >= 2")
+    if m.sequence_parallel and m.encoder_seq_length % tp:
+        problems.append(f"model.encoder_seq_length={m.encoder_seq_length} must be divisible "
+                        f"by tensor_model_parallel_size={tp} with sequence_parallel")
+    if cp > 1 and not m.transformer_engine:
+        problems.append(f"model.context_parallel_size={cp} needs Transformer Engine: set "
+                        "model.transformer_engine=true (and run where TE is installed)")
+    if cp > 1 and m.encoder_seq_length % (2 * cp):
+        problems.append(f"model.encoder_seq_length={m.encoder_seq_length} must be divisible "
+                        f"by 2 x context_parallel_size={2 * cp}")
+    world = world_size(cfg)
+    if world % (tp * pp * cp):
+        problems.append(f"world size trainer.devices x num_nodes = {world} is not divisible by "
+                        f"TP x PP x CP = {tp * pp * cp}")
+        return
+    dp = data_parallel_size(m, world)
+    if m.micro_batch_size >= 1 and m.global_batch_size % (m.micro_batch_size * dp):
+        problems.append(f"model.global_batch_size={m.global_batch_size} must be divisible by "
+                        f"micro_batch_size x data-parallel size = {m.micro_batch_size} x {dp}")
+
+
+def _check_fp8(cfg: PretrainConfig, problems: List[str]) -> None:
+    m = cfg.model
+    _check_choice(problems, "model.fp8_recipe", m.fp8_recipe,
+                  ("delayed", "tensorwise", "blockwise", "mxfp8"))
+    _check_choice(problems, "model.fp8_amax_compute_algo", m.fp8_amax_compute_algo,
+                  ("max", "most_recent"))
+    if not m.fp8:
+        return
+    if m.fp8_e4m3 == m.fp8_hybrid:
+        problems.append("model.fp8=true needs exactly one of model.fp8_e4m3 / model.fp8_hybrid")
+    if not m.transformer_engine:
+        problems.append("model.fp8=true needs model.transformer_engine=true (FP8 runs in TE)")
+    if normalized_precision(cfg.trainer.precision) != "bf16":
+        problems.append("model.fp8=true needs trainer.precision=bf16-mixed (FP8 GEMMs with "
+                        "bf16 weights and activations)")
+
+
+def _check_optim(cfg: PretrainConfig, problems: List[str]) -> None:
+    o = cfg.model.optim
+    _check_choice(problems, "model.optim.name", o.name,
+                  ("adamw", "fused_adam", "distributed_fused_adam"))
+    _check_choice(problems, "model.optim.sched.name", o.sched.name,
+                  ("CosineAnnealing", "LinearAnnealing", "Constant"))
+    if o.lr <= 0:
+        problems.append(f"model.optim.lr={o.lr} must be > 0")
+    if o.weight_decay < 0:
+        problems.append(f"model.optim.weight_decay={o.weight_decay} must be >= 0")
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        problems.append(f"model.optim.betas={o.betas} must be two numbers in [0, 1)")
+    if not 0 <= o.sched.min_lr <= o.lr:
+        problems.append(f"model.optim.sched.min_lr={o.sched.min_lr} must be in [0, lr={o.lr}]")
+    horizon = o.sched.max_steps or cfg.trainer.max_steps
+    if o.sched.warmup_steps < 0 or o.sched.constant_steps < 0:
+        problems.append("model.optim.sched.warmup_steps and constant_steps must be >= 0")
+    elif o.sched.warmup_steps + o.sched.constant_steps > horizon:
+        problems.append(f"model.optim.sched: warmup_steps ({o.sched.warmup_steps}) + "
+                        f"constant_steps ({o.sched.constant_steps}) exceed the decay horizon "
+                        f"({horizon} steps); shorten them or raise trainer.max_steps")
+
+
+def _check_data(cfg: PretrainConfig, problems: List[str]) -> None:
+    m = cfg.model
+    data, tok = m.data, m.tokenizer
+    _check_choice(problems, "model.tokenizer.library", tok.library, ("huggingface", "embedded"))
+    if tok.library == "huggingface" and not tok.model:
+        problems.append("model.tokenizer.model is required with library=huggingface: the path "
+                        "of a tokenizer.json or of the directory holding it")
+    if tok.library == "embedded" and tok.vocab_size < 512:
+        problems.append(f"model.tokenizer.vocab_size={tok.vocab_size} must be >= 512 for the "
+                        "embedded byte-level BPE (256 bytes + specials + merges)")
+    if data.num_workers < 0:
+        problems.append(f"model.data.num_workers={data.num_workers} must be >= 0")
+    prefix = data.data_prefix
+    if prefix is None or (isinstance(prefix, (list, dict)) and not prefix):
+        problems.append("model.data.data_prefix is empty: give [weight, prefix, ...] of "
+                        "indexed .bin/.idx files, or [1.0, embedded:prose] for the built-in corpus")
+        return
+    if isinstance(prefix, dict):
+        unknown = set(prefix) - {"train", "validation", "test"}
+        if unknown or "train" not in prefix:
+            problems.append(f"model.data.data_prefix as a dict needs a 'train' list and only "
+                            f"train/validation/test keys; got {sorted(prefix)}")
+        splits = {k: v for k, v in prefix.items() if k in ("train", "validation", "test")}
+    else:
+        splits = {"": prefix}
+        parts = data.splits_string.replace("/", ",").split(",")
+        try:
+            shares = [float(x) for x in parts]
+        except ValueError:
+            shares = []
+        if len(shares) != 3 or min(shares) < 0 or sum(shares) <= 0:
+            problems.append(f"model.data.splits_string={data.splits_string!r} must be three "
+                            "non-negative numbers train,validation,test (e.g. 980,10,10)")
+    for split, group in splits.items():
+        if group is None:
+            continue
+        _, _, errors = parse_blend(group)
+        key = "model.data.data_prefix" + (f".{split}" if split else "")
+        problems.extend(f"{key}: {e}" for e in errors)
+    for path in blend_paths(data):
+        if path.startswith(EMBEDDED_PREFIX):
+            source = path[len(EMBEDDED_PREFIX):]
+            if source not in EMBEDDED_SOURCES:
+                problems.append(f"model.data.data_prefix: unknown embedded source {path!r}; "
+                                f"use {' or '.join(EMBEDDED_PREFIX + s for s in EMBEDDED_SOURCES)}")
+            if tok.library != "embedded":
+                problems.append(f"model.data.data_prefix uses {path} but "
+                                f"model.tokenizer.library={tok.library!r}: the embedded corpus "
+                                "is tokenized with library=embedded")
+
+
+def validate(cfg: PretrainConfig) -> List[str]:
+    """Every problem of the config, as 'key=value: what is wrong; the fix' lines."""
+    problems: List[str] = []
+    _check_trainer(cfg, problems)
+    _check_architecture(cfg.model, problems)
+    _check_parallelism(cfg, problems)
+    _check_fp8(cfg, problems)
+    _check_optim(cfg, problems)
+    _check_data(cfg, problems)
+    return problems

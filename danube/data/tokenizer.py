@@ -1,0 +1,91 @@
+"""Tokenizers: load a HF `tokenizer.json`, or train a byte-level BPE; one wrapper class.
+
+`Tokenizer` exposes what megatron-core's GPTDataset reads (`vocab_size`, `eod`, `pad`) plus
+encode/decode, so the data, training and (later) conversion stages share one object.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Iterable, List, Optional
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+# Llama/Danube ids for the first three (anchors.md: bos=1 eos=2 pad=0); the chat markers
+# of the H2O-Danube template are reserved so SFT data never splits them.
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|system|>", "<|prompt|>", "<|answer|>"]
+BOS, EOS, PAD = "<s>", "</s>", "<pad>"
+
+
+class Tokenizer:
+    """A HF `tokenizers.Tokenizer` with the attributes megatron-core's datasets use."""
+
+    def __init__(self, hf_tokenizer: HFTokenizer, path: Optional[Path] = None):
+        self.hf = hf_tokenizer
+        self.path = path
+        self.vocab_size = hf_tokenizer.get_vocab_size(with_added_tokens=True)
+        self.eod = self._special_id([EOS, "<|endoftext|>", "<|end_of_text|>", "<eos>"])
+        self.bos = self._special_id([BOS, "<|begin_of_text|>", "<bos>"], required=False)
+        pad = self._special_id([PAD, "<unk>"], required=False)
+        # GPTDataset masks labels equal to `pad`; -1 matches nothing when there is no pad.
+        self.pad = -1 if pad is None else pad
+        # GPTDataset keys its index cache on this: a different tokenizer, a different cache.
+        digest = hashlib.sha256(hf_tokenizer.to_str().encode()).hexdigest()[:16]
+        self.unique_identifiers = {"class": "danube.Tokenizer", "sha256": digest}
+
+    def _special_id(self, names: List[str], required: bool = True) -> Optional[int]:
+        for name in names:
+            token_id = self.hf.token_to_id(name)
+            if token_id is not None:
+                return token_id
+        if required:
+            raise ValueError(f"tokenizer {self.path} has none of the tokens {names}: it needs an "
+                             "end-of-document token")
+        return None
+
+    def tokenize(self, text: str) -> List[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def tokenize_batch(self, texts: List[str]) -> List[List[int]]:
+        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+
+    def detokenize(self, ids: Iterable[int]) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=False)
+
+    def save(self, path: os.PathLike) -> None:
+        self.hf.save(str(path))
+
+
+def tokenizer_json_path(path: os.PathLike) -> Path:
+    """A tokenizer.json path, or a directory holding one."""
+    path = Path(path)
+    return path / "tokenizer.json" if path.is_dir() else path
+
+
+def load_tokenizer(path: os.PathLike) -> Tokenizer:
+    json_path = tokenizer_json_path(path)
+    if not json_path.is_file():
+        raise FileNotFoundError(f"no tokenizer.json at {json_path}")
+    return Tokenizer(HFTokenizer.from_file(str(json_path)), json_path)
+
+
+def train_byte_level_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Byte-level BPE: all 256 bytes are in the base alphabet, so any text encodes (the byte
+    fallback); digits are split one by one (as Llama and Mistral do)."""
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True),
+         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+    )
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    hf.train_from_iterator(texts, trainer=trainer)
+    return Tokenizer(hf)

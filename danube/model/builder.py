@@ -1,0 +1,187 @@
+"""Everything that constructs the model: schema -> TransformerConfig -> ModuleSpec -> GPTModel.
+
+Model construction lives in this one module so that a later move (megatron-core is
+deprecating `GPTModel` for `HybridModel`) is a one-file change. The backend (Transformer
+Engine, megatron-core local, our SDPA attention) is chosen in `layer_spec` alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.activations import squared_relu
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnBackend
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch.overrides import TorchFunctionMode
+
+from danube.config.schema import ModelConfig
+from danube.model.attention import SDPAttention
+from danube.model.norm import norm_class
+from danube.runtime import transformer_engine_available
+
+_ACTIVATIONS = {
+    "swiglu": (F.silu, True),
+    "fast-swiglu": (F.silu, True),
+    "gelu": (F.gelu, False),
+    "squared-relu": (squared_relu, False),
+}
+_TE_ATTENTION = {"auto": AttnBackend.auto, "flash": AttnBackend.flash,
+                 "fused": AttnBackend.fused, "unfused": AttnBackend.unfused}
+
+
+def uses_transformer_engine(model: ModelConfig) -> bool:
+    """The TE layer spec runs when asked for and available; otherwise the local spec."""
+    return model.transformer_engine and transformer_engine_available()
+
+
+def megatron_window(window_size: Optional[int]) -> Optional[tuple]:
+    """HF `sliding_window=W` (W keys, the query included) -> megatron's inclusive (W-1, 0)."""
+    return None if window_size is None else (window_size - 1, 0)
+
+
+def transformer_config(model: ModelConfig, precision: str, use_te: bool) -> TransformerConfig:
+    """The one mapping from our schema to megatron-core's TransformerConfig."""
+    bf16 = precision != "32"
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    activation, gated = _ACTIVATIONS[model.activation]
+    on_cuda = torch.cuda.is_available()
+    fp8_format = ("e4m3" if model.fp8_e4m3 else "hybrid") if model.fp8 else None
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.kv_channels,
+        tensor_model_parallel_size=model.tensor_model_parallel_size,
+        pipeline_model_parallel_size=model.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=model.virtual_pipeline_model_parallel_size,
+        context_parallel_size=model.context_parallel_size,
+        sequence_parallel=model.sequence_parallel,
+        normalization="RMSNorm" if model.normalization == "rmsnorm" else "LayerNorm",
+        layernorm_epsilon=model.layernorm_epsilon,
+        activation_func=activation,
+        gated_linear_unit=gated,
+        add_bias_linear=model.bias,
+        add_qkv_bias=model.bias,
+        hidden_dropout=model.hidden_dropout,
+        attention_dropout=model.attention_dropout,
+        init_method_std=model.init_method_std,
+        window_size=megatron_window(model.window_size),
+        bf16=bf16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        autocast_dtype=dtype,
+        fp8=fp8_format,
+        fp8_recipe=model.fp8_recipe,
+        fp8_margin=model.fp8_margin,
+        fp8_interval=model.fp8_interval,
+        fp8_amax_history_len=model.fp8_amax_history_len,
+        fp8_amax_compute_algo=model.fp8_amax_compute_algo,
+        recompute_granularity=model.activations_checkpoint_granularity,
+        recompute_method=model.activations_checkpoint_method,
+        recompute_num_layers=model.activations_checkpoint_num_layers,
+        # TE reads its backend from NVTE_* variables that GPTModel sets from this; sdpa and
+        # local replace the core attention in `layer_spec` instead.
+        attention_backend=_TE_ATTENTION.get(model.attention_backend, AttnBackend.auto),
+        # Fused kernels exist only with TE/apex on CUDA.
+        masked_softmax_fusion=use_te,
+        bias_activation_fusion=use_te and model.bias,
+        bias_dropout_fusion=use_te,
+        apply_rope_fusion=use_te,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        # Batched p2p on gloo silently corrupts the interleaved schedule (see
+        # ../shared/notes/megatron-core-on-cpu.md); NCCL batches fine.
+        batch_p2p_comm=on_cuda,
+    )
+
+
+def layer_spec(model: ModelConfig, config: TransformerConfig, use_te: bool, vp_stage=None):
+    """The one place a backend is chosen: TE's fused layers, or megatron's local layers with
+    our norms and SDPA (or megatron's own DotProductAttention for `attention_backend=local`)."""
+    if use_te:
+        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=False)
+        if model.attention_backend in ("sdpa", "local"):
+            attention = SDPAttention if model.attention_backend == "sdpa" else DotProductAttention
+            spec.submodules.self_attention.submodules.core_attention = attention
+        return spec
+    spec = get_gpt_layer_local_spec(normalization=config.normalization)
+    norm = norm_class(config.normalization)
+    spec.submodules.input_layernorm = norm
+    spec.submodules.pre_mlp_layernorm = norm
+    attention = DotProductAttention if model.attention_backend == "local" else SDPAttention
+    spec.submodules.self_attention.submodules.core_attention = attention
+    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=norm)
+
+
+def padded_vocab_size(vocab_size: int, model: ModelConfig) -> int:
+    """Megatron pads the vocabulary to a multiple of make_vocab_size_divisible_by x TP."""
+    multiple = model.make_vocab_size_divisible_by * model.tensor_model_parallel_size
+    return -(-vocab_size // multiple) * multiple
+
+
+def build_model_chunks(
+    model: ModelConfig, config: TransformerConfig, vocab_size: int, use_te: bool
+) -> List[GPTModel]:
+    """This rank's GPTModel chunks: one, or one per virtual pipeline stage."""
+    num_chunks = model.virtual_pipeline_model_parallel_size or 1
+    chunks = []
+    for chunk in range(num_chunks):
+        vp_stage = chunk if num_chunks > 1 else None
+        chunks.append(
+            GPTModel(
+                config=config,
+                transformer_layer_spec=layer_spec(model, config, use_te, vp_stage),
+                vocab_size=padded_vocab_size(vocab_size, model),
+                max_sequence_length=model.max_position_embeddings,
+                pre_process=parallel_state.is_pipeline_first_stage(
+                    ignore_virtual=False, vp_stage=vp_stage
+                ),
+                post_process=parallel_state.is_pipeline_last_stage(
+                    ignore_virtual=False, vp_stage=vp_stage
+                ),
+                share_embeddings_and_output_weights=model.share_embeddings_and_output_weights,
+                position_embedding_type=model.position_embedding_type,
+                rotary_percent=model.rotary_percentage,
+                rotary_base=model.rotary_base,
+                vp_stage=vp_stage,
+            )
+        )
+    return chunks
+
+
+class _ForceDevice(TorchFunctionMode):
+    """Send every explicit `device=` to one device (megatron passes explicit devices)."""
+
+    def __init__(self, device: str):
+        super().__init__()
+        self.device = device
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if "device" in kwargs:
+            kwargs["device"] = self.device
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def on_meta_device():
+    """Build modules without allocating: shapes only (1.8B layouts checked on CPU)."""
+    with torch.device("meta"), _ForceDevice("meta"):
+        yield

@@ -1,0 +1,217 @@
+"""Distributed checkpoints (megatron-core dist_checkpointing) with atomic commits.
+
+Layout under <exp_dir>/<name>/checkpoints:
+    step_00000100/            a complete checkpoint: the dist_checkpointing files,
+        danube_checkpoint.json    step, consumed samples, val loss, parallel layout
+        config.yaml               the fully resolved config of the run
+    .tmp-step_00000100/       a save in progress (never loaded)
+
+A save writes into the temporary directory, then rank 0 writes danube_checkpoint.json last
+and renames the directory into place: a killed save leaves only a .tmp- directory, and the
+newest complete checkpoint stays what `resume_if_exists` picks up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import List
+
+import numpy as np
+import torch
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
+from megatron.core.utils import unwrap_model
+
+from danube.training.checkpoint_dirs import (
+    TMP_PREFIX,
+    CONFIG_FILE,
+    META_FILE,
+    CheckpointMeta,
+    checkpoint_dir_name,
+    list_checkpoints,
+    read_meta,
+)
+
+
+def _rng_state() -> ShardedObject:
+    """Megatron-LM's RNG checkpoint: one object per (PP, TP) rank, DP replicas identical."""
+    state = {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    pp, tp = (parallel_state.get_pipeline_model_parallel_world_size(),
+              parallel_state.get_tensor_model_parallel_world_size())
+    ranks = (parallel_state.get_pipeline_model_parallel_rank(),
+             parallel_state.get_tensor_model_parallel_rank())
+    return ShardedObject("rng_state", [state], (pp, tp), ranks,
+                         replica_id=parallel_state.get_data_parallel_rank(with_context_parallel=True))
+
+
+def _restore_rng_state(obj) -> None:
+    state = obj[0]
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def sharded_metadata(distributed_optimizer: bool) -> dict:
+    """What Megatron-LM passes to `sharded_state_dict` (dp_reshardable: the one format that
+    saves *and* loads the distributed optimizer without TE/apex)."""
+    metadata = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True,
+                "dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
+    if distributed_optimizer:
+        metadata["distrib_optim_sharding_type"] = "dp_reshardable"
+    return metadata
+
+
+def _state_keys(model: List) -> List[str]:
+    """Megatron-LM's names: "model", or "model0", "model1"... for virtual pipeline chunks."""
+    return ["model"] if len(model) == 1 else [f"model{i}" for i in range(len(model))]
+
+
+def model_sharded_state_dict(model: List, metadata: dict) -> dict:
+    """Sharded state of the GPTModels inside the DDP / Float16Module wrappers."""
+    return {key: unwrap_model(chunk).sharded_state_dict(metadata=metadata)
+            for key, chunk in zip(_state_keys(model), model)}
+
+
+def _inner_torch_optimizers(optimizer) -> list:
+    chained = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [o.optimizer for o in chained if getattr(o, "optimizer", None) is not None]
+
+
+def _init_adam_states(optimizer) -> None:
+    """megatron-core 0.16's distributed optimizer, on torch's AdamW (no TE/apex), reads a
+    `step` from every parameter state to build its state dict, even for loading: give a
+    fresh optimizer zero states first (a no-op once it has stepped)."""
+    for inner in _inner_torch_optimizers(optimizer):
+        for group in inner.param_groups:
+            for param in group["params"]:
+                state = inner.state[param]
+                if "step" not in state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(param)
+                    state["exp_avg_sq"] = torch.zeros_like(param)
+
+
+def _restore_adam_steps(optimizer, loaded_state: dict) -> None:
+    """The same optimizer's load restores `step` wrongly: the value copied in from its
+    bucket-space state is 0, and one tensor is shared by every parameter (torch's AdamW
+    increments it in place once per parameter). Either way every resumed update after the
+    first would use a wrong bias correction. Set each parameter's own `step` from the
+    saved param_groups, which hold the true count."""
+    steps = {g["step"] for g in loaded_state["optimizer"]["param_groups"] if "step" in g}
+    if len(steps) != 1:
+        raise ValueError(f"checkpoint optimizer state has inconsistent Adam steps {steps}")
+    step = float(steps.pop())
+    for inner in _inner_torch_optimizers(optimizer):
+        for state in inner.state.values():
+            if "step" in state:
+                state["step"] = torch.tensor(step)
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def save_checkpoint(
+    root: Path, model: List, optimizer, scheduler, meta: CheckpointMeta, config_yaml: str,
+    distributed_optimizer: bool,
+) -> Path:
+    """Collective. Writes step_<N> atomically; returns its path."""
+    final = root / checkpoint_dir_name(meta.step)
+    tmp = root / f"{TMP_PREFIX}{final.name}"
+    if torch.distributed.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # a save killed earlier
+        tmp.mkdir(parents=True)
+    _barrier()
+    metadata = sharded_metadata(distributed_optimizer)
+    state = model_sharded_state_dict(model, metadata)
+    state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=False, metadata=metadata)
+    state["scheduler"] = scheduler.state_dict()
+    state["rng_state"] = _rng_state()
+    dist_checkpointing.save(state, str(tmp))
+    _barrier()
+    if torch.distributed.get_rank() == 0:
+        meta.saved_at = time.time()
+        meta.optimizer_sharding = metadata.get("distrib_optim_sharding_type")
+        (tmp / CONFIG_FILE).write_text(config_yaml)
+        _write_durably(tmp / META_FILE, json.dumps(meta.__dict__, indent=2))
+        _commit(tmp, final)
+    _barrier()
+    return final
+
+
+def _write_durably(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _commit(tmp: Path, final: Path) -> None:
+    """Rename into place; an older checkpoint of the same step is replaced only afterwards."""
+    old = None
+    if final.exists():
+        old = final.with_name(f"{TMP_PREFIX}old-{final.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def prune_checkpoints(root: Path, keep: int, monitor: str) -> List[Path]:
+    """Keep the newest checkpoint and the best `keep` by monitor; returns what was removed."""
+    found = [(step, path, read_meta(path)) for step, path in list_checkpoints(root)]
+    if len(found) <= keep:
+        return []
+    if monitor == "val_loss":
+        ranked = sorted(found, key=lambda f: (f[2].val_loss is None, f[2].val_loss or 0.0))
+    else:
+        ranked = sorted(found, key=lambda f: -f[0])
+    kept = {path for _, path, _ in ranked[:keep]} | {found[-1][1]}
+    removed = [path for _, path, _ in found if path not in kept]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
+
+
+def load_checkpoint(
+    path: Path, model: List, optimizer=None, scheduler=None, distributed_optimizer: bool = False
+) -> CheckpointMeta:
+    """Collective. Loads the model; with optimizer/scheduler also their states and the RNG."""
+    meta = read_meta(path)
+    full = optimizer is not None
+    metadata = sharded_metadata(distributed_optimizer and full)
+    state = model_sharded_state_dict(model, metadata)
+    if full:
+        if distributed_optimizer and not HAVE_APEX_OR_TE:
+            _init_adam_states(optimizer)
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=metadata)
+        state["rng_state"] = _rng_state()
+    loaded = dist_checkpointing.load(state, str(path))
+    for key, chunk in zip(_state_keys(model), model):
+        unwrap_model(chunk).load_state_dict(loaded[key])
+    if full:
+        # The distributed optimizer copies into fp32 main params that are views of leaves.
+        with torch.no_grad():
+            optimizer.load_state_dict(loaded["optimizer"])
+        if distributed_optimizer and not HAVE_APEX_OR_TE:
+            _restore_adam_steps(optimizer, loaded["optimizer"])
+        scheduler.load_state_dict(loaded["scheduler"])
+        _restore_rng_state(loaded["rng_state"])
+    return meta

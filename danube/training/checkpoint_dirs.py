@@ -1,0 +1,62 @@
+"""Checkpoint directory layout: which checkpoints exist and which is complete.
+
+Filesystem only (no megatron-core), so the launch preflight can use it cheaply.
+See `danube.training.checkpoint` for the layout and the atomic save.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+META_FILE = "danube_checkpoint.json"
+CONFIG_FILE = "config.yaml"
+_PREFIX = "step_"
+TMP_PREFIX = ".tmp-"
+
+
+@dataclass
+class CheckpointMeta:
+    step: int
+    consumed_samples: int
+    val_loss: Optional[float] = None
+    layout: dict = field(default_factory=dict)
+    """Parallel layout it was saved with (informational: loading reshards)."""
+    optimizer_sharding: Optional[str] = None
+    """distrib_optim_sharding_type of the distributed optimizer state, if any."""
+    saved_at: float = 0.0
+
+
+def checkpoint_dir_name(step: int) -> str:
+    return f"{_PREFIX}{step:08d}"
+
+
+def is_complete(path: Path) -> bool:
+    return path.is_dir() and not path.name.startswith(TMP_PREFIX) and (path / META_FILE).is_file()
+
+
+def read_meta(path: Path) -> CheckpointMeta:
+    return CheckpointMeta(**json.loads((path / META_FILE).read_text()))
+
+
+def list_checkpoints(root: Path) -> List[Tuple[int, Path]]:
+    """Complete checkpoints under root, oldest first."""
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        if path.name.startswith(_PREFIX) and is_complete(path):
+            try:
+                found.append((int(path.name[len(_PREFIX):]), path))
+            except ValueError:
+                continue
+    return sorted(found)
+
+
+def latest_checkpoint(root: Path) -> Optional[Path]:
+    found = list_checkpoints(root)
+    return found[-1][1] if found else None
+
+

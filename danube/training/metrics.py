@@ -1,0 +1,78 @@
+"""Run logging on rank 0: console progress, TensorBoard, and a JSONL metrics file.
+
+metrics.jsonl holds one object per logged step ({"step", "loss", "lr", "grad_norm",
+"tokens_per_s", ...}) and one per validation ({"step", "val_loss", "val_ppl"}); a resumed
+run appends to it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+
+class MetricsLogger:
+    def __init__(self, exp_dir: Path, tensorboard: bool, max_steps: int, enabled: bool):
+        self.enabled = enabled
+        self.max_steps = max_steps
+        self.jsonl = None
+        self.tb = None
+        self._start: Optional[float] = None
+        self._start_step = 0
+        if not enabled:
+            return
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(exp_dir / "metrics.jsonl", "a", buffering=1)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(exp_dir / "tensorboard"))
+
+    def start(self, step: int) -> None:
+        self._start, self._start_step = time.perf_counter(), step
+
+    def _eta(self, step: int) -> str:
+        done = step - self._start_step
+        if self._start is None or done <= 0:
+            return "?"
+        remaining = (time.perf_counter() - self._start) / done * (self.max_steps - step)
+        return time.strftime("%H:%M:%S", time.gmtime(remaining))
+
+    def _write(self, record: dict) -> None:
+        self.jsonl.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, record["step"])
+
+    def log_train(self, step: int, loss: float, lr: float, grad_norm: Optional[float],
+                  tokens_per_s: float, step_time: float, consumed_samples: int) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                  "tokens_per_s": tokens_per_s, "step_time_s": step_time,
+                  "consumed_samples": consumed_samples}
+        self._write(record)
+        norm = "n/a" if grad_norm is None else f"{grad_norm:.3f}"
+        print(f"step {step}/{self.max_steps} | loss {loss:.4f} | lr {lr:.3e} | grad_norm {norm}"
+              f" | {tokens_per_s:,.0f} tok/s | ETA {self._eta(step)}", flush=True)
+
+    def log_validation(self, step: int, val_loss: float, split: str = "val") -> None:
+        if not self.enabled:
+            return
+        ppl = math.exp(min(val_loss, 50.0))
+        self._write({"step": step, f"{split}_loss": val_loss, f"{split}_ppl": ppl})
+        print(f"step {step} | {split}_loss {val_loss:.4f} | {split}_ppl {ppl:.2f}", flush=True)
+
+    def info(self, message: str) -> None:
+        if self.enabled:
+            print(message, flush=True)
+
+    def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()

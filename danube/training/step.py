@@ -1,0 +1,105 @@
+"""One optimizer step and one evaluation pass on megatron-core's pipeline schedules."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Iterator, List, Optional
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+
+@dataclass
+class StepShape:
+    num_microbatches: int
+    micro_batch_size: int
+    seq_length: int
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Token-mean loss of one micro-batch. Returning (sum, tokens, ...) lets the schedule
+    divide by the token count and the number of micro-batches."""
+    losses = output_tensor.float().view(-1)  # [b * s]
+    mask = loss_mask.view(-1).float()
+    loss_sum = torch.sum(losses * mask)
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.stack([loss_sum.detach(), mask.sum().detach()])  # [2]: loss sum, tokens
+    return loss_sum, num_tokens, {"lm loss": report}
+
+
+def forward_step(device: torch.device, data_iterator: Iterator, model):
+    """megatron-core forward_step_func: one micro-batch through this rank's model chunk."""
+    batch = _to_device(next(data_iterator), device)
+    output = model(
+        batch["tokens"],  # [b, s]
+        batch["position_ids"],  # [b, s]
+        batch.get("attention_mask"),  # [b, 1, s, s] or None (causal)
+        labels=batch["labels"],  # [b, s]
+    )  # per-token losses [b, s] on the last stage, activations elsewhere
+    return output, partial(loss_func, batch["loss_mask"])
+
+
+def _reduce_losses(losses: List[dict], device: torch.device) -> float:
+    """Token-weighted mean loss over micro-batches and data-parallel ranks, on every rank.
+    Only the last pipeline stage (TP rank 0) contributes, so one all-reduce over the world
+    both reduces over DP and broadcasts to the other stages."""
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    if (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+            and parallel_state.get_tensor_model_parallel_rank() == 0
+            and parallel_state.get_context_parallel_rank() == 0):
+        for item in losses:
+            total += item["lm loss"].to(torch.float64)
+    torch.distributed.all_reduce(total)
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+def train_step(model: List, optimizer, scheduler, iterators: List[Iterator], shape: StepShape,
+               device: torch.device):
+    """Forward/backward over all micro-batches, then one optimizer step at the scheduler's
+    next learning rate. Returns (loss, lr, grad_norm)."""
+    scheduler.step(increment=1)
+    lr = optimizer.param_groups[0]["lr"]
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    losses = get_forward_backward_func()(
+        forward_step_func=partial(forward_step, device),
+        data_iterator=iterators if len(iterators) > 1 else iterators[0],
+        model=model,
+        num_microbatches=shape.num_microbatches,
+        seq_length=shape.seq_length,
+        micro_batch_size=shape.micro_batch_size,
+        decoder_seq_length=shape.seq_length,
+        forward_only=False,
+    )
+    _, grad_norm, _ = optimizer.step()  # bf16/fp32: no loss scaling, never skipped
+    return _reduce_losses(losses, device), lr, grad_norm
+
+
+@torch.no_grad()
+def evaluate(model: List, iterators: List[Iterator], num_batches: int, shape: StepShape,
+             device: torch.device) -> Optional[float]:
+    """Mean loss over `num_batches` global batches (forward only)."""
+    for chunk in model:
+        chunk.eval()
+    losses: List[dict] = []
+    for _ in range(num_batches):
+        losses += get_forward_backward_func()(
+            forward_step_func=partial(forward_step, device),
+            data_iterator=iterators if len(iterators) > 1 else iterators[0],
+            model=model,
+            num_microbatches=shape.num_microbatches,
+            seq_length=shape.seq_length,
+            micro_batch_size=shape.micro_batch_size,
+            decoder_seq_length=shape.seq_length,
+            forward_only=True,
+        )
+    for chunk in model:
+        chunk.train()
+    return _reduce_losses(losses, device)

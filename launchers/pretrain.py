@@ -1,0 +1,32 @@
+"""Pretrain a Danube-family model on megatron-core.
+
+    python launchers/pretrain.py [--config-name danube_tiny] [key=value ...]
+    torchrun --nproc_per_node 8 launchers/pretrain.py --config-name danube_1.8b
+
+Configs live in configs/ (NeMo megatron_gpt_config.yaml layout); any key can be overridden
+on the command line, Hydra style.
+"""
+
+import os
+import sys
+
+from danube.config import ConfigError, check_launch
+from danube.config.compose import hydra_runner, to_pretrain_config
+
+
+@hydra_runner(config_name="danube_tiny")
+def main(cfg) -> None:
+    config = to_pretrain_config(cfg)  # parse: typed schema, interpolations resolved
+    try:
+        check_launch(config)  # validate + preflight: one error listing every problem
+    except ConfigError as error:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    from danube.training.pretrain import run_pretraining
+
+    run_pretraining(config)  # build + run
+
+
+if __name__ == "__main__":
+    main()
