@@ -94,16 +94,11 @@ def is_applied() -> bool:
     return _mode is not None
 
 
-def apply() -> bool:
-    """Install the patches if CUDA is absent. Idempotent. Returns whether they are active."""
-    global _mode
-    if torch.cuda.is_available():
-        return False
-    if _mode is not None:
-        return True
+def _targets() -> list:
+    """(owner, attribute, replacement) of patches 1-4, in docstring order."""
     from megatron.core.tensor_parallel import random as mcore_random
 
-    targets = [
+    return [
         (torch.cuda, "current_device", lambda: "cpu"),
         (torch.cuda, "get_rng_state", _cpu_rng_state),
         (torch.cuda, "set_rng_state", _set_cpu_rng_state),
@@ -114,8 +109,17 @@ def apply() -> bool:
         (torch.cuda, "manual_seed", lambda seed: torch.manual_seed(seed)),
         (torch.cuda, "synchronize", lambda *a, **k: None),
     ]
-    for owner, name, replacement in targets:
-        _saved[(owner, name)] = getattr(owner, name)
+
+
+def apply() -> bool:
+    """Install the patches if CUDA is absent. Idempotent. Returns whether they are active."""
+    global _mode
+    if torch.cuda.is_available():
+        return False
+    if _mode is not None:
+        return True
+    for owner, name, replacement in _targets():
+        _saved[(owner, name)] = getattr(owner, name)  # AttributeError if megatron renamed it
         setattr(owner, name, replacement)
     _saved["filter"] = _DropForkWarning()
     logging.getLogger(_RNG_LOGGER).addFilter(_saved["filter"])

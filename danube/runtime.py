@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -40,3 +41,20 @@ def use_cuda(accelerator: str) -> bool:
 def transformer_engine_available() -> bool:
     """TE installed and a CUDA device present (TE's modules need both)."""
     return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+
+
+# Import-time notices from megatron-core/torch that say nothing about this run: the fallbacks
+# they announce are the intended CPU path (TE/apex absent), or deprecations inside them.
+_ENGINE_NOTICES = (
+    r".*Transformer Engine and Apex are not installed.*",
+    r"Apex is not installed.*",
+    r"full scope is deprecated.*",
+    r"`load_state_dict` is deprecated.*",
+    r"Please use DTensor instead.*",
+)
+
+
+def quiet_engine_notices() -> None:
+    """Hide the known-harmless engine notices (launchers call this; tests filter the same)."""
+    for pattern in _ENGINE_NOTICES:
+        warnings.filterwarnings("ignore", message=pattern)

@@ -12,6 +12,7 @@ import sys
 
 from danube.config import ConfigError, check_launch
 from danube.config.compose import hydra_runner, to_pretrain_config
+from danube.runtime import quiet_engine_notices
 
 
 @hydra_runner(config_name="danube_tiny")
@@ -23,6 +24,7 @@ def main(cfg) -> None:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    quiet_engine_notices()
     from danube.training.pretrain import run_pretraining
 
     run_pretraining(config)  # build + run

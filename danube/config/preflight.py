@@ -81,13 +81,14 @@ def _check_files(cfg: PretrainConfig, problems: List[str]) -> None:
         missing = [ext for ext in (".bin", ".idx") if not Path(prefix + ext).is_file()]
         if missing:
             problems.append(f"model.data.data_prefix: {prefix}{' and '.join(missing)} not found; "
-                            "point it at an indexed dataset prefix (files <prefix>.bin and "
-                            "<prefix>.idx, e.g. from launchers/prepare_data.py)")
+                            "each prefix names a Megatron indexed dataset, the files "
+                            "<prefix>.bin and <prefix>.idx")
     if m.tokenizer.library == "huggingface" and m.tokenizer.model:
         path = Path(m.tokenizer.model)
         json_path = path / "tokenizer.json" if path.is_dir() else path
         if not json_path.is_file():
-            problems.append(f"model.tokenizer.model: no tokenizer file at {json_path}")
+            problems.append(f"model.tokenizer.model={m.tokenizer.model}: no tokenizer.json there; "
+                            "give the file or the directory that holds it")
 
 
 def _check_checkpoints(cfg: PretrainConfig, problems: List[str]) -> None:

@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -56,7 +56,7 @@ class SDPAttention(MegatronModule):
         tp_size = (
             pg_collection.tp.size()
             if pg_collection is not None
-            else tensor_parallel.get_tensor_model_parallel_world_size()
+            else parallel_state.get_tensor_model_parallel_world_size()
         )
         self.heads_per_partition = config.num_attention_heads // tp_size
         self.groups_per_partition = config.num_query_groups // tp_size

@@ -163,28 +163,26 @@ def train_loop(trainer: Trainer) -> None:
     tokens_per_step = cfg.model.global_batch_size * cfg.model.encoder_seq_length
     iterators = _iterators(trainer, 0, trainer.consumed_samples) if trainer.step < t.max_steps else []
     trainer.log.start(trainer.step)
-    window_start, window_steps = time.perf_counter(), 0
+    window_time, window_steps = 0.0, 0  # training time only: not validation, not saving
     while trainer.step < t.max_steps:
         step_start = time.perf_counter()
         loss, lr, grad_norm = train_step(trainer.model, trainer.optimizer, trainer.scheduler,
-                                        iterators, trainer.shape, trainer.device)
+                                         iterators, trainer.shape, trainer.device)
         trainer.step += 1
         trainer.consumed_samples += cfg.model.global_batch_size
-        window_steps += 1
+        step_time = time.perf_counter() - step_start
+        window_time, window_steps = window_time + step_time, window_steps + 1
         last = trainer.step == t.max_steps
         if trainer.step % t.log_every_n_steps == 0 or last:
-            elapsed = time.perf_counter() - window_start
             trainer.log.log_train(
-                trainer.step, loss, lr,
-                None if grad_norm is None else float(grad_norm),
-                tokens_per_step * window_steps / elapsed, time.perf_counter() - step_start,
+                trainer.step, loss, lr, None if grad_norm is None else float(grad_norm),
+                tokens_per_step * window_steps / window_time, step_time,
                 trainer.consumed_samples)
-            window_start, window_steps = time.perf_counter(), 0
+            window_time, window_steps = 0.0, 0
         if trainer.step % t.val_check_interval == 0 or last:
             trainer.last_val_loss = _validate(trainer, 1, t.limit_val_batches, "val")
         if every and trainer.step % every == 0:
             _save(trainer)
-            window_start = time.perf_counter()  # checkpoint time is not training throughput
     # The last step, unless already saved (also step 0 with max_steps=0: initial weights).
     if cfg.exp_manager.checkpoint_callback_params.save_last and not is_complete(
             checkpoint_root(cfg) / checkpoint_dir_name(trainer.step)):

@@ -1,0 +1,95 @@
+"""Shared helpers: launcher subprocesses, metrics, and one in-process megatron world."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import List
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCHER = ROOT / "launchers" / "pretrain.py"
+
+# A small danube_tiny for equivalence runs: 4 layers so PP=2 x VP=2 has a layer per chunk.
+SMALL_MODEL = [
+    "model.num_layers=4", "model.hidden_size=64", "model.ffn_hidden_size=160",
+    "model.num_attention_heads=4", "model.num_query_groups=2", "model.window_size=48",
+    "model.encoder_seq_length=64", "model.max_position_embeddings=64",
+    "model.micro_batch_size=4", "model.global_batch_size=8",
+]
+QUIET = [
+    "trainer.log_every_n_steps=1", "trainer.limit_val_batches=0", "trainer.limit_test_batches=0",
+    "exp_manager.create_tensorboard_logger=false",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_pretrain(overrides: List[str], nproc: int = 1, check: bool = True,
+                 timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run launchers/pretrain.py as a user would (torchrun for nproc > 1)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1" if nproc > 1 else "2"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    if nproc == 1:
+        cmd = [sys.executable, str(LAUNCHER), *overrides]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--master_port={free_port()}", str(LAUNCHER), f"trainer.devices={nproc}",
+               *overrides]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout,
+                            cwd=ROOT)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {result.returncode}\n"
+                             f"--- stdout ---\n{result.stdout[-4000:]}\n"
+                             f"--- stderr ---\n{result.stderr[-8000:]}")
+    return result
+
+
+def read_metrics(exp_dir: Path) -> List[dict]:
+    path = exp_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def train_records(exp_dir: Path) -> dict:
+    """step -> training record (the last wins when a resumed run re-logs a step)."""
+    return {r["step"]: r for r in read_metrics(exp_dir) if "loss" in r}
+
+
+def train_losses(exp_dir: Path) -> dict:
+    """step -> training loss (the last record wins when a resumed run re-logs a step)."""
+    return {r["step"]: r["loss"] for r in read_metrics(exp_dir) if "loss" in r}
+
+
+@pytest.fixture(scope="session")
+def megatron_world():
+    """torch.distributed (gloo, one process) + megatron parallel state, in this process."""
+    import torch
+
+    from danube.config.schema import ModelConfig
+    from danube.training.distributed import init_distributed, shutdown
+
+    os.environ.pop("RANK", None)
+    init_distributed(ModelConfig(), "cpu")
+    yield
+    shutdown()
+    torch.set_default_device(None)
+
+
+@pytest.fixture(scope="session")
+def init_checkpoint(tmp_path_factory) -> Path:
+    """Step-0 weights of the small model, shared by the parallel-equivalence runs."""
+    exp = tmp_path_factory.mktemp("init")
+    run_pretrain([*SMALL_MODEL, *QUIET, "trainer.precision=32", "trainer.max_steps=0",
+                  "model.optim.sched.max_steps=10", "model.optim.sched.warmup_steps=2",
+                  f"exp_manager.exp_dir={exp}", "exp_manager.name=init"])
+    return exp / "init" / "checkpoints" / "step_00000000"

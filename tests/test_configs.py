@@ -1,0 +1,98 @@
+"""Every shipped YAML composes and validates; the 1.8B layouts have the published size."""
+
+from __future__ import annotations
+
+import pytest
+from hydra.errors import HydraException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from danube.config.compose import CONFIG_DIR, compose_pretrain_config
+from danube.config.validate import validate
+
+CONFIG_NAMES = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def test_the_four_documented_configs_ship():
+    assert {"danube_tiny", "danube_1.8b", "danube2_1.8b", "tinyllama_1.1b"} <= set(CONFIG_NAMES)
+
+
+@pytest.mark.parametrize("name", CONFIG_NAMES)
+def test_config_composes_and_validates(name):
+    cfg = compose_pretrain_config(name)
+    assert cfg.name == name
+    assert validate(cfg) == []
+
+
+def test_danube_1_8b_carries_the_published_recipe():
+    m = compose_pretrain_config("danube_1.8b").model
+    assert (m.num_layers, m.hidden_size, m.ffn_hidden_size) == (24, 2560, 6912)
+    assert (m.num_attention_heads, m.num_query_groups) == (32, 8)
+    assert (m.window_size, m.max_position_embeddings, m.rotary_base) == (4096, 16384, 10000)
+    assert (m.normalization, m.layernorm_epsilon, m.activation) == ("rmsnorm", 1e-5, "fast-swiglu")
+    assert not m.bias and not m.share_embeddings_and_output_weights
+    assert m.fp8 and m.fp8_hybrid and not m.fp8_e4m3
+    assert (m.optim.lr, m.optim.sched.min_lr, m.optim.weight_decay) == (2e-4, 1e-5, 0.1)
+    assert m.optim.betas == [0.9, 0.95]
+    assert abs(m.global_batch_size * m.encoder_seq_length - 1.18e6) < 0.01e6
+
+
+def test_danube2_drops_the_window_and_keeps_the_body():
+    d1, d2 = (compose_pretrain_config(n).model for n in ("danube_1.8b", "danube2_1.8b"))
+    assert d2.window_size is None and d2.max_position_embeddings == 8192
+    assert (d2.num_layers, d2.hidden_size, d2.num_query_groups) == (
+        d1.num_layers, d1.hidden_size, d1.num_query_groups)
+
+
+def test_tinyllama_recipe():
+    cfg = compose_pretrain_config("tinyllama_1.1b")
+    m = cfg.model
+    assert (m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_query_groups) == (22, 2048, 5632, 4)
+    assert (m.encoder_seq_length, m.optim.lr, m.optim.sched.warmup_steps) == (2048, 4e-4, 2000)
+
+
+def test_unknown_key_fails_at_composition():
+    with pytest.raises((HydraException, ConfigKeyError)) as info:
+        compose_pretrain_config("danube_tiny", ["model.num_layerz=3"])
+    assert "num_layerz" in str(info.value)
+
+
+def test_wrong_type_fails_at_composition():
+    with pytest.raises((HydraException, ValidationError)) as info:
+        compose_pretrain_config("danube_tiny", ["model.hidden_size=wide"])
+    assert "hidden_size" in str(info.value)
+
+
+def test_overrides_and_interpolation():
+    cfg = compose_pretrain_config("danube_tiny", ["model.encoder_seq_length=128"])
+    assert cfg.model.data.seq_length == 128
+
+
+def _count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name,published", [
+    ("danube_1.8b", 1.83e9), ("danube2_1.8b", 1.83e9), ("tinyllama_1.1b", 1.10e9)])
+def test_big_layouts_on_meta_device_match_hf(megatron_world, name, published):
+    """Our megatron GPTModel has exactly as many parameters as HF's Mistral/Llama of the same
+    shape (32000-token vocabulary), and that is the published size."""
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from danube.model.builder import build_model_chunks, on_meta_device, transformer_config
+
+    m = compose_pretrain_config(name).model
+    with on_meta_device():
+        ours = build_model_chunks(m, transformer_config(m, "bf16", use_te=False), 32000, False)[0]
+        hf = MistralForCausalLM(MistralConfig(
+            vocab_size=32000, hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size,
+            num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
+            num_key_value_heads=m.num_query_groups, tie_word_embeddings=False))
+    assert all(p.device.type == "meta" for p in ours.parameters())
+    assert _count(ours) == _count(hf)
+    assert abs(_count(ours) - published) / published < 0.01
+    qkv = ours.decoder.layers[0].self_attention.linear_qkv.weight
+    head_dim = m.hidden_size // m.num_attention_heads
+    assert qkv.shape == ((m.num_attention_heads + 2 * m.num_query_groups) * head_dim, m.hidden_size)
+    assert ours.decoder.layers[0].mlp.linear_fc1.weight.shape == (2 * m.ffn_hidden_size, m.hidden_size)
+    assert torch.device("meta") == ours.output_layer.weight.device

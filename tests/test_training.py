@@ -1,0 +1,77 @@
+"""End-to-end training through launchers/pretrain.py: learning, exact resume, accumulation."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import QUIET, SMALL_MODEL, read_metrics, run_pretrain, train_losses
+
+SHORT_SCHEDULE = ["model.optim.sched.warmup_steps=2", "model.optim.sched.max_steps=8"]
+
+
+def test_danube_tiny_learns_and_logs(tmp_path):
+    """The embedded default, shortened: loss falls, logs and checkpoints land where documented."""
+    run_pretrain(["trainer.max_steps=40", "trainer.val_check_interval=20", "trainer.log_every_n_steps=1",
+                  "trainer.limit_val_batches=2", "trainer.limit_test_batches=1",
+                  "model.optim.sched.warmup_steps=5",
+                  "exp_manager.checkpoint_callback_params.every_n_train_steps=20",
+                  f"exp_manager.exp_dir={tmp_path}"])
+    exp = tmp_path / "danube_tiny"
+    records = read_metrics(exp)
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == list(range(1, 41))
+    for record in train:
+        assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "consumed_samples"} <= set(record)
+        assert record["tokens_per_s"] > 0 and record["grad_norm"] > 0
+    last5 = sum(r["loss"] for r in train[-5:]) / 5
+    assert last5 < train[0]["loss"] - 2.0, [round(r["loss"], 3) for r in train]
+    val = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in val] == [20, 40] and val[1]["val_loss"] < val[0]["val_loss"]
+    assert val[0]["val_ppl"] == pytest.approx(2.718281828 ** val[0]["val_loss"], rel=1e-6)
+    assert any("test_loss" in r for r in records)
+    assert list((exp / "tensorboard").glob("events.out.tfevents.*"))
+    ckpts = sorted(p.name for p in (exp / "checkpoints").iterdir())
+    assert ckpts == ["step_00000020", "step_00000040"]
+    assert (exp / "checkpoints" / "step_00000040" / "config.yaml").is_file()
+    assert (exp / "config.yaml").is_file()
+
+
+@pytest.mark.parametrize("precision", ["32", "bf16-mixed"])
+def test_resume_equals_uninterrupted(tmp_path, precision):
+    """Stop at step 3, resume to 6: the same losses step for step, bit for bit. bf16 also
+    covers megatron's Float16Module-before-DDP requirement for checkpoints."""
+    common = [*SMALL_MODEL, *QUIET, *SHORT_SCHEDULE, f"trainer.precision={precision}",
+              "exp_manager.checkpoint_callback_params.every_n_train_steps=3",
+              f"exp_manager.exp_dir={tmp_path}"]
+    run_pretrain([*common, "trainer.max_steps=6", "exp_manager.name=straight"])
+    run_pretrain([*common, "trainer.max_steps=3", "exp_manager.name=resumed"])
+    second = run_pretrain([*common, "trainer.max_steps=6", "exp_manager.name=resumed"])
+    assert "resumed from" in second.stdout and "(step 3)" in second.stdout
+    straight, resumed = train_losses(tmp_path / "straight"), train_losses(tmp_path / "resumed")
+    assert list(straight) == [1, 2, 3, 4, 5, 6]
+    assert resumed == straight
+
+
+def test_micro_batches_accumulate_like_one_batch(tmp_path):
+    """micro-batch 1 x 4 accumulation steps == micro-batch 4 (fp32)."""
+    common = [*SMALL_MODEL, *QUIET, *SHORT_SCHEDULE, "trainer.precision=32", "trainer.max_steps=4",
+              "model.global_batch_size=4", f"exp_manager.exp_dir={tmp_path}",
+              "exp_manager.checkpoint_callback_params.save_last=false"]
+    run_pretrain([*common, "model.micro_batch_size=4", "exp_manager.name=mb4"])
+    run_pretrain([*common, "model.micro_batch_size=1", "exp_manager.name=mb1"])
+    mb4, mb1 = train_losses(tmp_path / "mb4"), train_losses(tmp_path / "mb1")
+    assert list(mb4) == [1, 2, 3, 4]
+    for step in mb4:
+        assert mb1[step] == pytest.approx(mb4[step], rel=1e-5, abs=1e-6)
+    assert mb4[4] < mb4[1]
+
+
+def test_rerun_of_a_finished_run_changes_nothing(tmp_path):
+    common = [*SMALL_MODEL, *QUIET, *SHORT_SCHEDULE, "trainer.max_steps=2",
+              f"exp_manager.exp_dir={tmp_path}"]
+    run_pretrain(common)
+    ckpt = tmp_path / "danube_tiny" / "checkpoints" / "step_00000002"
+    stamp = (ckpt / "danube_checkpoint.json").read_text()
+    again = run_pretrain(common)
+    assert "resumed from" in again.stdout
+    assert (ckpt / "danube_checkpoint.json").read_text() == stamp

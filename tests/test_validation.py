@@ -1,0 +1,139 @@
+"""Bad input: one error naming every problem, before anything is built or written."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+
+import pytest
+
+from danube.config import ConfigError, check_launch
+from danube.config.compose import compose_pretrain_config, to_yaml
+from danube.config.preflight import Machine, preflight
+from danube.config.validate import validate
+from tests.conftest import run_pretrain
+
+CPU = Machine(world_size=1, cuda=False, transformer_engine=False)
+BAD = [
+    "model.num_query_groups=3",  # 8 heads not divisible by 3
+    "model.hidden_size=250",  # not divisible by 8 heads
+    "model.global_batch_size=12",  # not divisible by micro 8 x DP 1
+    "model.window_size=0",
+    "model.encoder_seq_length=512",  # exceeds max_position_embeddings 256
+    "model.virtual_pipeline_model_parallel_size=2",  # without pipeline parallelism
+    "model.fp8=true", "model.fp8_e4m3=true",  # both formats
+    "model.optim.sched.min_lr=1.0",  # above lr
+    "trainer.precision=16",
+    "model.data.data_prefix=[0.5,embedded:prose,0.5,embedded:poetry]",
+]
+
+
+def test_every_problem_is_reported_at_once():
+    problems = validate(compose_pretrain_config("danube_tiny", BAD))
+    text = "\n".join(problems)
+    for needle in ["model.num_query_groups=3", "model.hidden_size=250",
+                   "model.global_batch_size=12", "model.window_size=0",
+                   "model.encoder_seq_length=512", "virtual_pipeline_model_parallel_size=2",
+                   "exactly one of model.fp8_e4m3", "min_lr", "trainer.precision='16'",
+                   "embedded:poetry"]:
+        assert needle in text, f"{needle!r} missing from:\n{text}"
+    with pytest.raises(ConfigError) as info:
+        check_launch(compose_pretrain_config("danube_tiny", BAD), CPU)
+    assert str(info.value).startswith(f"{len(info.value.problems)} problem(s)")
+    assert len(info.value.problems) >= 11
+
+
+def test_launcher_rejects_bad_config_and_writes_nothing(tmp_path):
+    result = run_pretrain([*BAD, f"exp_manager.exp_dir={tmp_path}/out"], check=False)
+    assert result.returncode == 2
+    assert "problem(s) in the config" in result.stderr
+    assert "model.num_query_groups=3" in result.stderr and "embedded:poetry" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_fp8_configs_validate_on_cpu_but_fail_fast_at_launch():
+    cfg = compose_pretrain_config("danube_1.8b")
+    assert validate(cfg) == []
+    problems = preflight(cfg, Machine(world_size=8, cuda=False, transformer_engine=False))
+    assert any("model.fp8=true needs Transformer Engine on a CUDA GPU" in p for p in problems)
+    gpu = preflight(cfg, Machine(world_size=8, cuda=True, transformer_engine=True))
+    assert not any("fp8" in p for p in gpu)
+
+
+def test_missing_data_and_tokenizer_files_are_named(tmp_path):
+    cfg = compose_pretrain_config("danube_1.8b", [f"exp_manager.exp_dir={tmp_path}"])
+    problems = "\n".join(preflight(cfg, Machine(8, True, True)))
+    assert "/data/danube/web_text_document.bin and .idx not found" in problems
+    assert "model.tokenizer.model=/data/tokenizers/llama2: no tokenizer.json there" in problems
+
+
+def test_world_size_must_match_the_launch():
+    cfg = compose_pretrain_config("danube_tiny")
+    problems = preflight(cfg, Machine(world_size=2, cuda=False, transformer_engine=False))
+    assert any("launched with 2 process(es)" in p for p in problems)
+
+
+def test_missing_psutil_is_caught_before_a_hanging_save(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "psutil" else real(name, *a))
+    problems = preflight(compose_pretrain_config("danube_tiny"), CPU)
+    assert any("psutil is not installed" in p for p in problems)
+
+
+def _fake_checkpoint(root, step, config_yaml):
+    path = root / f"step_{step:08d}"
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text(config_yaml)
+    (path / "danube_checkpoint.json").write_text(json.dumps({"step": step, "consumed_samples": 0}))
+    return path
+
+
+def test_existing_checkpoints_are_never_overwritten(tmp_path):
+    cfg = compose_pretrain_config("danube_tiny", [f"exp_manager.exp_dir={tmp_path}",
+                                                  "exp_manager.resume_if_exists=false"])
+    ckpt = _fake_checkpoint(tmp_path / "danube_tiny" / "checkpoints", 100, to_yaml(cfg))
+    problems = preflight(cfg, CPU)
+    assert any("already holds checkpoints" in p for p in problems)
+    result = run_pretrain([f"exp_manager.exp_dir={tmp_path}", "exp_manager.resume_if_exists=false"],
+                          check=False)
+    assert result.returncode == 2 and "already holds checkpoints" in result.stderr
+    assert sorted(p.name for p in ckpt.iterdir()) == ["config.yaml", "danube_checkpoint.json"]
+
+
+def test_resuming_with_another_architecture_is_refused(tmp_path):
+    cfg = compose_pretrain_config("danube_tiny", [f"exp_manager.exp_dir={tmp_path}"])
+    _fake_checkpoint(tmp_path / "danube_tiny" / "checkpoints", 10, to_yaml(cfg))
+    wider = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, hidden_size=512))
+    problems = preflight(wider, CPU)
+    assert any("model.hidden_size=512 but the checkpoint" in p for p in problems)
+    assert preflight(cfg, CPU) == []
+
+
+def test_restore_from_path_must_be_a_complete_checkpoint(tmp_path):
+    cfg = compose_pretrain_config("danube_tiny", [f"model.restore_from_path={tmp_path}/nope"])
+    assert any("is not a complete danube checkpoint" in p for p in preflight(cfg, CPU))
+
+
+@pytest.mark.parametrize("prefix,needle", [
+    ("[0.5,embedded:prose,-1,embedded:code]", "weight -1 must be a positive number"),
+    ("[0.5,embedded:prose,0.5]", "even length"),
+    ("[]", "data_prefix is empty"),
+    ({"train": ["embedded:prose"], "valid": ["embedded:code"]}, "train/validation/test keys"),
+])
+def test_malformed_blends(prefix, needle):
+    if isinstance(prefix, str):
+        cfg = compose_pretrain_config("danube_tiny", [f"model.data.data_prefix={prefix}"])
+    else:  # a per-split dict, as written in YAML
+        cfg = compose_pretrain_config("danube_tiny")
+        cfg.model.data.data_prefix = prefix
+    problems = validate(cfg)
+    assert any(needle in p for p in problems), problems
+
+
+def test_embedded_data_needs_the_embedded_tokenizer():
+    cfg = compose_pretrain_config("danube_tiny", ["model.tokenizer.library=huggingface",
+                                                  "model.tokenizer.model=/x/tokenizer.json"])
+    assert any("is tokenized with library=embedded" in p for p in validate(cfg))
