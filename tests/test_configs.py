@@ -46,7 +46,8 @@ def test_danube2_drops_the_window_and_keeps_the_body():
 def test_tinyllama_recipe():
     cfg = compose_pretrain_config("tinyllama_1.1b")
     m = cfg.model
-    assert (m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_query_groups) == (22, 2048, 5632, 4)
+    shape = (m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_query_groups)
+    assert shape == (22, 2048, 5632, 4)
     assert (m.encoder_seq_length, m.optim.lr, m.optim.sched.warmup_steps) == (2048, 4e-4, 2000)
 
 
@@ -94,5 +95,6 @@ def test_big_layouts_on_meta_device_match_hf(megatron_world, name, published):
     qkv = ours.decoder.layers[0].self_attention.linear_qkv.weight
     head_dim = m.hidden_size // m.num_attention_heads
     assert qkv.shape == ((m.num_attention_heads + 2 * m.num_query_groups) * head_dim, m.hidden_size)
-    assert ours.decoder.layers[0].mlp.linear_fc1.weight.shape == (2 * m.ffn_hidden_size, m.hidden_size)
+    fc1 = ours.decoder.layers[0].mlp.linear_fc1.weight
+    assert fc1.shape == (2 * m.ffn_hidden_size, m.hidden_size)  # gate and up, fused
     assert torch.device("meta") == ours.output_layer.weight.device

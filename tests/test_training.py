@@ -11,7 +11,8 @@ SHORT_SCHEDULE = ["model.optim.sched.warmup_steps=2", "model.optim.sched.max_ste
 
 def test_danube_tiny_learns_and_logs(tmp_path):
     """The embedded default, shortened: loss falls, logs and checkpoints land where documented."""
-    run_pretrain(["trainer.max_steps=40", "trainer.val_check_interval=20", "trainer.log_every_n_steps=1",
+    run_pretrain(["trainer.max_steps=40", "trainer.val_check_interval=20",
+                  "trainer.log_every_n_steps=1",
                   "trainer.limit_val_batches=2", "trainer.limit_test_batches=1",
                   "model.optim.sched.warmup_steps=5",
                   "exp_manager.checkpoint_callback_params.every_n_train_steps=20",
@@ -21,7 +22,8 @@ def test_danube_tiny_learns_and_logs(tmp_path):
     train = [r for r in records if "loss" in r]
     assert [r["step"] for r in train] == list(range(1, 41))
     for record in train:
-        assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "consumed_samples"} <= set(record)
+        keys = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "consumed_samples"}
+        assert keys <= set(record)
         assert record["tokens_per_s"] > 0 and record["grad_norm"] > 0
     last5 = sum(r["loss"] for r in train[-5:]) / 5
     assert last5 < train[0]["loss"] - 2.0, [round(r["loss"], 3) for r in train]

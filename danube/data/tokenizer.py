@@ -53,7 +53,7 @@ class Tokenizer:
         return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
 
     def detokenize(self, ids: Iterable[int]) -> str:
-        return self.hf.decode(list(ids), skip_special_tokens=False)
+        return self.hf.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def save(self, path: os.PathLike) -> None:
         self.hf.save(str(path))

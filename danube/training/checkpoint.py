@@ -29,9 +29,9 @@ from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
 from megatron.core.utils import unwrap_model
 
 from danube.training.checkpoint_dirs import (
-    TMP_PREFIX,
     CONFIG_FILE,
     META_FILE,
+    TMP_PREFIX,
     CheckpointMeta,
     checkpoint_dir_name,
     list_checkpoints,

@@ -18,6 +18,7 @@ from danube.data.embedded import embedded_tokenizer, ensure_embedded_corpus
 from danube.data.gpt import build_gpt_datasets, build_loader, gpt_dataset_config
 from danube.data.tokenizer import Tokenizer, load_tokenizer
 from danube.model.builder import build_model_chunks, transformer_config, uses_transformer_engine
+from danube.runtime import use_cuda
 from danube.training import checkpoint as ckpt
 from danube.training.checkpoint_dirs import (
     CheckpointMeta,
@@ -25,7 +26,6 @@ from danube.training.checkpoint_dirs import (
     is_complete,
     latest_checkpoint,
 )
-from danube.runtime import use_cuda
 from danube.training.distributed import init_distributed, shutdown
 from danube.training.engine import (
     build_optimizer,
@@ -117,7 +117,7 @@ def restore(trainer: Trainer) -> None:
         trainer.log.info(f"initialised weights from {cfg.model.restore_from_path}")
 
 
-def _iterators(trainer: Trainer, split: int, consumed: int) -> list:
+def data_iterators(trainer: Trainer, split: int, consumed: int) -> list:
     """One iterator per model chunk (the interleaved schedule pulls from each)."""
     dataset = trainer.datasets[split]
     dp_rank = parallel_state.get_data_parallel_rank()
@@ -132,7 +132,7 @@ def _iterators(trainer: Trainer, split: int, consumed: int) -> list:
 def _validate(trainer: Trainer, split: int, batches: int, name: str) -> Optional[float]:
     if batches == 0 or trainer.datasets[split] is None:
         return None
-    loss = evaluate(trainer.model, _iterators(trainer, split, 0), batches, trainer.shape,
+    loss = evaluate(trainer.model, data_iterators(trainer, split, 0), batches, trainer.shape,
                     trainer.device)
     trainer.log.log_validation(trainer.step, loss, name)
     return loss
@@ -161,7 +161,8 @@ def train_loop(trainer: Trainer) -> None:
     cfg, t = trainer.cfg, trainer.cfg.trainer
     every = cfg.exp_manager.checkpoint_callback_params.every_n_train_steps
     tokens_per_step = cfg.model.global_batch_size * cfg.model.encoder_seq_length
-    iterators = _iterators(trainer, 0, trainer.consumed_samples) if trainer.step < t.max_steps else []
+    if trainer.step < t.max_steps:
+        iterators = data_iterators(trainer, 0, trainer.consumed_samples)
     trainer.log.start(trainer.step)
     window_time, window_steps = 0.0, 0  # training time only: not validation, not saving
     while trainer.step < t.max_steps:

@@ -1,0 +1,33 @@
+# Two entry points do all the set-up on a fresh machine (README "Quick start"):
+#   make demo   pretrain danube_tiny on the embedded corpus (CPU: a few minutes)
+#   make test   the test suite (what .ci/run calls)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.danube-installed
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+# torch first: on the CPU machines `pip install torch==2.13.0` takes the local CPU wheel, and
+# installing it before anything that depends on torch keeps pip from pulling a CUDA build.
+# Where torch is already importable (NGC container, a user's venv) it is left alone.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/python launchers/pretrain.py
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python bench/throughput.py
+
+clean:
+	rm -rf results .pytest_cache

@@ -1,0 +1,200 @@
+"""Training throughput of danube vs HF transformers on the same model and the same batches.
+
+    python bench/throughput.py                       # danube_tiny on this machine
+    python bench/throughput.py --steps 30 model.micro_batch_size=4   # Hydra-style overrides
+
+Each engine runs in its own process (so peak memory is its own) on the batches of the
+config's data blend, in the same order:
+  danube    launchers' path: megatron-core GPTModel, DDP, distributed-aware optimizer, the
+            config's precision (danube_tiny: bf16 compute, fp32 main weights)
+  hf-fp32   transformers MistralForCausalLM (sdpa), torch AdamW, plain PyTorch loop, fp32
+  hf-bf16   the same loop under torch.autocast(bfloat16)
+Engines alternate for --rounds rounds (a shared machine's load then hits them alike); each
+round reports the median step over the timed steps, and the table shows each engine's best
+round: tokens/s, peak memory, ratio to hf-fp32, model FLOP/s (6N + attention per token), and
+MFU when --peak-tflops is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ENGINES = ("danube", "hf-fp32", "hf-bf16")
+
+
+def flops_per_token(m, vocab: int) -> float:
+    """Training FLOPs per token: 6 x (weights touched per token) + attention scores
+    (Megatron-LM's accounting, window-limited keys, no causal discount)."""
+    head_dim = m.kv_channels or m.hidden_size // m.num_attention_heads
+    groups = m.num_query_groups or m.num_attention_heads
+    qkv = m.hidden_size * head_dim * (m.num_attention_heads + 2 * groups)
+    proj = head_dim * m.num_attention_heads * m.hidden_size
+    mlp = 3 * m.hidden_size * m.ffn_hidden_size
+    dense = m.num_layers * (qkv + proj + mlp) + m.hidden_size * vocab  # + LM head
+    keys = min(m.encoder_seq_length, m.window_size or m.encoder_seq_length)
+    attention = m.num_layers * 2 * 2 * keys * head_dim * m.num_attention_heads  # QK^T and AV
+    return 6 * dense + 3 * attention
+
+
+def _setup(overrides):
+    from danube.config import check_launch
+    from danube.config.compose import compose_pretrain_config
+    from danube.runtime import quiet_engine_notices
+
+    quiet_engine_notices()
+    cfg = compose_pretrain_config(os.environ.get("BENCH_CONFIG", "danube_tiny"), overrides + [
+        "trainer.limit_val_batches=0", "trainer.limit_test_batches=0",
+        "exp_manager.resume_if_exists=false", f"exp_manager.exp_dir={os.environ['BENCH_DIR']}",
+    ])
+    check_launch(cfg)
+    return cfg
+
+
+def run_danube(overrides, steps, warmup):
+    import torch
+
+    from danube.training.distributed import init_distributed
+    from danube.training.pretrain import build_tokenizer, build_trainer, data_iterators
+    from danube.training.step import train_step
+
+    cfg = _setup(overrides)
+    init_distributed(cfg.model, cfg.trainer.accelerator)
+    tokenizer, corpus = build_tokenizer(cfg)
+    trainer = build_trainer(cfg, tokenizer, corpus)
+    iterators = data_iterators(trainer, 0, 0)
+    times = []
+    for _ in range(warmup + steps):
+        start = time.perf_counter()
+        loss, _, _ = train_step(trainer.model, trainer.optimizer, trainer.scheduler, iterators,
+                                trainer.shape, trainer.device)
+        if trainer.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return cfg, tokenizer.vocab_size, times[warmup:], loss
+
+
+def run_hf(overrides, steps, warmup, bf16: bool):
+    import torch
+    from megatron.core import parallel_state
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from danube.training.distributed import init_distributed
+    from danube.training.pretrain import build_tokenizer, build_trainer, data_iterators
+
+    cfg = _setup(overrides)
+    m = cfg.model
+    init_distributed(m, cfg.trainer.accelerator)
+    tokenizer, corpus = build_tokenizer(cfg)
+    data = build_trainer(cfg, tokenizer, corpus)  # for its datasets and batch shape only
+    iterator = data_iterators(data, 0, 0)[0]
+    del data.model, data.optimizer
+    parallel_state.destroy_model_parallel()
+    device = "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu"
+    hf_config = MistralConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=m.hidden_size,
+        intermediate_size=m.ffn_hidden_size, num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_attention_heads, num_key_value_heads=m.num_query_groups,
+        sliding_window=m.window_size, max_position_embeddings=m.max_position_embeddings,
+        rope_theta=float(m.rotary_base), rms_norm_eps=m.layernorm_epsilon,
+        tie_word_embeddings=m.share_embeddings_and_output_weights, attn_implementation="sdpa")
+    model = MistralForCausalLM(hf_config).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=m.optim.lr, betas=tuple(m.optim.betas),
+                                  weight_decay=m.optim.weight_decay, eps=m.optim.eps)
+    times = []
+    for _ in range(warmup + steps):
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        for _ in range(data.shape.num_microbatches):
+            batch = next(iterator)
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+                logits = model(input_ids=batch["tokens"].to(device)).logits
+            loss = torch.nn.functional.cross_entropy(
+                logits.float().flatten(0, 1), batch["labels"].to(device).flatten())
+            (loss / data.shape.num_microbatches).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer.gradient_clip_val)
+        optimizer.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return cfg, tokenizer.vocab_size, times[warmup:], loss.item()
+
+
+def worker(engine, overrides, steps, warmup):
+    import torch
+
+    if engine == "danube":
+        cfg, vocab, times, loss = run_danube(overrides, steps, warmup)
+    else:
+        cfg, vocab, times, loss = run_hf(overrides, steps, warmup, bf16=engine == "hf-bf16")
+    m = cfg.model
+    tokens = m.global_batch_size * m.encoder_seq_length
+    peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    print(json.dumps({
+        "engine": engine, "median_step_s": statistics.median(times),
+        "tokens_per_s": tokens / statistics.median(times), "peak_mib": peak / 2**20,
+        "flops_per_token": flops_per_token(m, vocab), "loss": float(loss),
+        "precision": cfg.trainer.precision if engine == "danube" else engine[3:],
+        "threads": torch.get_num_threads(),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+    }))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per engine")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--engines", default=",".join(ENGINES))
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per engine")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="device peak (e.g. 989 for H100 bf16 dense) to report MFU")
+    parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args.worker, args.overrides, args.steps, args.warmup)
+
+    import tempfile
+
+    best = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for _ in range(args.rounds):
+            for engine in args.engines.split(","):
+                out = subprocess.run(
+                    [sys.executable, __file__, "--worker", engine, "--steps", str(args.steps),
+                     "--warmup", str(args.warmup), *args.overrides],
+                    capture_output=True, text=True, env={**os.environ, "BENCH_DIR": scratch},
+                    cwd=ROOT)
+                if out.returncode != 0:
+                    sys.exit(f"{engine} failed:\n{out.stderr[-3000:]}")
+                result = json.loads(out.stdout.strip().splitlines()[-1])
+                if engine not in best or result["tokens_per_s"] > best[engine]["tokens_per_s"]:
+                    best[engine] = result
+    results = list(best.values())
+    base = next((r["tokens_per_s"] for r in results if r["engine"] == "hf-fp32"), None)
+    print(f"\nconfig {os.environ.get('BENCH_CONFIG', 'danube_tiny')} {' '.join(args.overrides)}"
+          f" | best of {args.rounds} rounds of {args.steps} timed steps after {args.warmup}"
+          f" | device {results[0]['device']}"
+          f" | torch threads {results[0]['threads']}")
+    header = f"{'engine':<9} {'precision':<11} {'tokens/s':>10} {'vs hf-fp32':>10} " \
+             f"{'peak MiB':>9} {'TFLOP/s':>8} {'MFU':>6} {'loss':>7}"
+    print(header + "\n" + "-" * len(header))
+    for r in results:
+        tflops = r["tokens_per_s"] * r["flops_per_token"] / 1e12
+        ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
+        mfu = f"{100 * tflops / args.peak_tflops:.1f}%" if args.peak_tflops else "-"
+        print(f"{r['engine']:<9} {r['precision']:<11} {r['tokens_per_s']:>10,.0f} {ratio:>10} "
+              f"{r['peak_mib']:>9,.0f} {tflops:>8.3f} {mfu:>6} {r['loss']:>7.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Pretraining data: the sampler's order, blends, the tokenizer and the embedded corpus."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from danube.data.gpt import PretrainingSampler, resolve_blend
+
+
+def _global_batches(total, consumed, mbs, dp_size):
+    """Each global step, the union over DP ranks of their micro-batches, in order."""
+    per_rank = [list(PretrainingSampler(total, consumed, mbs, r, dp_size)) for r in range(dp_size)]
+    return [sum((per_rank[r][i] for r in range(dp_size)), []) for i in range(len(per_rank[0]))]
+
+
+def test_sampler_splits_each_global_batch_across_data_parallel_ranks():
+    assert list(PretrainingSampler(16, 0, 2, 0, 2)) == [[0, 1], [4, 5], [8, 9], [12, 13]]
+    assert list(PretrainingSampler(16, 0, 2, 1, 2)) == [[2, 3], [6, 7], [10, 11], [14, 15]]
+    # DP=2 x micro 2 sees the same samples, in the same order, as DP=1 x micro 4.
+    assert _global_batches(16, 0, 2, 2) == _global_batches(16, 0, 4, 1)
+
+
+def test_sampler_resumes_at_consumed_samples():
+    full = list(PretrainingSampler(64, 0, 4, 0, 1))
+    assert list(PretrainingSampler(64, 24, 4, 0, 1)) == full[6:]
+    assert len(PretrainingSampler(64, 24, 4, 0, 1)) == 10
+
+
+def test_blend_resolution(tmp_path):
+    assert resolve_blend(["/d/a"], None) == (["/d/a"], None)
+    assert resolve_blend([0.7, "/d/a", 0.3, "/d/b"], None) == (["/d/a", "/d/b"], [0.7, 0.3])
+    assert resolve_blend([1, "embedded:code"], tmp_path) == ([str(tmp_path / "code")], [1.0])
+    with pytest.raises(ValueError, match="needs the embedded corpus"):
+        resolve_blend(["embedded:code"], None)
+    with pytest.raises(ValueError, match="even length"):
+        resolve_blend([0.7, "/d/a", 0.3], None)
+
+
+def test_trained_tokenizer_roundtrips_any_text_with_llama_ids():
+    from danube.data.tokenizer import train_byte_level_bpe
+
+    corpus = ["def add(a, b):\n    return a + b\n", "The quick brown fox. " * 20] * 20
+    tok = train_byte_level_bpe(corpus, vocab_size=400)
+    assert (tok.pad, tok.bos, tok.eod) == (0, 1, 2)
+    for name in ("<|system|>", "<|prompt|>", "<|answer|>"):
+        assert tok.hf.token_to_id(name) is not None
+    for text in ("héllo wörld ✓ 12345", "\t\x00 tabs and nul", "日本語"):
+        assert tok.detokenize(tok.tokenize(text)) == text  # bytes never fall out
+    digits = tok.tokenize("2024")
+    assert len(digits) == 4  # digits are split one by one
+    other = train_byte_level_bpe(["completely different words here"] * 5, vocab_size=300)
+    assert tok.unique_identifiers != other.unique_identifiers
+
+
+@pytest.fixture(scope="module")
+def corpus_dir():
+    """The real embedded corpus (cached under $DANUBE_CACHE, built on first use)."""
+    from danube.data.embedded import ensure_embedded_corpus
+
+    return ensure_embedded_corpus(8192)
+
+
+def test_embedded_corpus_is_cached_and_megatron_readable(corpus_dir):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from danube.data.embedded import embedded_tokenizer, ensure_embedded_corpus, manifest
+
+    stamp = os.stat(corpus_dir / "manifest.json").st_mtime_ns
+    assert ensure_embedded_corpus(8192) == corpus_dir  # reused, not rebuilt
+    assert os.stat(corpus_dir / "manifest.json").st_mtime_ns == stamp
+    info, _ = manifest(corpus_dir)
+    tok = embedded_tokenizer(corpus_dir)
+    assert tok.vocab_size == info["vocab_size"] == 8192
+    for source in ("prose", "code"):
+        data = IndexedDataset(str(corpus_dir / source))
+        assert len(data) == info[source]["documents"] > 100
+        assert int(data.sequence_lengths.sum()) == info[source]["tokens"]
+        assert data.index.dtype == np.uint16
+        first = data[0]
+        assert first[-1] == tok.eod and tok.eod not in first[:-1]
+    prose_data = IndexedDataset(str(corpus_dir / "prose"))  # keep it alive: [0] views its mmap
+    prose = tok.detokenize(prose_data[0][:-1])
+    assert prose.strip() and "def " not in prose[:40]  # a docstring, not source

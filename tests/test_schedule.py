@@ -1,0 +1,47 @@
+"""NeMo schedule names on megatron-core's OptimizerParamScheduler, against the closed form."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from danube.config.schema import OptimConfig, SchedConfig
+from danube.training.engine import build_scheduler
+
+LR, MIN_LR, WARMUP, CONSTANT, STEPS = 2e-4, 1e-5, 10, 20, 100
+
+
+def expected(name: str, k: int) -> float:
+    """Learning rate of update k (1-based)."""
+    if k <= WARMUP:
+        return LR * k / WARMUP
+    if name == "Constant":
+        return LR
+    end = STEPS - CONSTANT
+    if k > end:
+        return MIN_LR
+    ratio = (k - WARMUP) / (end - WARMUP)
+    coeff = 0.5 * (1 + math.cos(math.pi * ratio)) if name == "CosineAnnealing" else 1 - ratio
+    return MIN_LR + (LR - MIN_LR) * coeff
+
+
+@pytest.mark.parametrize("name", ["CosineAnnealing", "LinearAnnealing", "Constant"])
+def test_schedule_matches_closed_form(name):
+    optim = OptimConfig(lr=LR, weight_decay=0.1, sched=SchedConfig(
+        name=name, warmup_steps=WARMUP, constant_steps=CONSTANT, min_lr=MIN_LR))
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=LR)
+    scheduler = build_scheduler(optim, STEPS, optimizer)
+    for k in range(1, STEPS + 1):
+        scheduler.step(increment=1)  # as train_step does before update k
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(expected(name, k), rel=1e-9), k
+        assert optimizer.param_groups[0]["weight_decay"] == 0.1
+
+
+def test_sched_max_steps_decouples_the_horizon_from_the_run_length():
+    optim = OptimConfig(lr=LR, sched=SchedConfig(warmup_steps=0, min_lr=0.0, max_steps=1000))
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=LR)
+    scheduler = build_scheduler(optim, 10, optimizer)  # a 10-step run of a 1000-step schedule
+    scheduler.step(increment=500)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(LR / 2, rel=1e-9)
