@@ -202,11 +202,12 @@ def run_pretraining(cfg: PretrainConfig) -> None:
         restore(trainer)
         m = cfg.model
         params = sum(p.numel() for chunk in trainer.model for p in chunk.parameters())
+        dp = parallel_state.get_data_parallel_world_size()
         trainer.log.info(
             f"training {cfg.name}: {params / 1e6:.2f}M parameters on rank 0, "
             f"{'Transformer Engine' if uses_transformer_engine(m) else 'local'} layers, "
             f"precision {cfg.trainer.precision}, TP {m.tensor_model_parallel_size} "
-            f"PP {m.pipeline_model_parallel_size} DP {parallel_state.get_data_parallel_world_size()}"
+            f"PP {m.pipeline_model_parallel_size} DP {dp}"
             f"; step {trainer.step} -> {cfg.trainer.max_steps}, "
             f"{trainer.shape.num_microbatches} micro-batch(es) of "
             f"{trainer.shape.micro_batch_size} x {trainer.shape.seq_length} tokens")
