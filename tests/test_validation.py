@@ -84,10 +84,13 @@ def test_missing_psutil_is_caught_before_a_hanging_save(monkeypatch):
 
 
 def _fake_checkpoint(root, step, config_yaml):
+    """The files of a checkpoint (contents aside from ours do not matter to preflight)."""
     path = root / f"step_{step:08d}"
     path.mkdir(parents=True)
     (path / "config.yaml").write_text(config_yaml)
     (path / "danube_checkpoint.json").write_text(json.dumps({"step": step, "consumed_samples": 0}))
+    for name in ("metadata.json", "common.pt", ".metadata"):
+        (path / name).write_bytes(b"")
     return path
 
 
@@ -100,7 +103,8 @@ def test_existing_checkpoints_are_never_overwritten(tmp_path):
     result = run_pretrain([f"exp_manager.exp_dir={tmp_path}", "exp_manager.resume_if_exists=false"],
                           check=False)
     assert result.returncode == 2 and "already holds checkpoints" in result.stderr
-    assert sorted(p.name for p in ckpt.iterdir()) == ["config.yaml", "danube_checkpoint.json"]
+    assert sorted(p.name for p in ckpt.iterdir()) == [
+        ".metadata", "common.pt", "config.yaml", "danube_checkpoint.json", "metadata.json"]
 
 
 def test_resuming_with_another_architecture_is_refused(tmp_path):
@@ -137,3 +141,43 @@ def test_embedded_data_needs_the_embedded_tokenizer():
     cfg = compose_pretrain_config("danube_tiny", ["model.tokenizer.library=huggingface",
                                                   "model.tokenizer.model=/x/tokenizer.json"])
     assert any("is tokenized with library=embedded" in p for p in validate(cfg))
+
+
+def test_a_damaged_checkpoint_is_named_before_loading(tmp_path):
+    cfg = compose_pretrain_config("danube_tiny", [f"exp_manager.exp_dir={tmp_path}"])
+    ckpt = _fake_checkpoint(tmp_path / "danube_tiny" / "checkpoints", 10, to_yaml(cfg))
+    (ckpt / "common.pt").unlink()
+    problems = preflight(cfg, CPU)
+    assert any("lacks common.pt" in p and "resume from the one before" in p for p in problems)
+    (ckpt / "danube_checkpoint.json").write_text("{not json")
+    assert any("danube_checkpoint.json is unreadable" in p for p in preflight(cfg, CPU))
+
+
+def _indexed(prefix, documents):
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.uint16)
+    for doc in documents:
+        builder.add_document(doc, [len(doc)])
+    builder.finalize(f"{prefix}.idx")
+
+
+def test_damaged_indexed_datasets_are_named(tmp_path):
+    from danube.data.indexed import indexed_dataset_problem
+
+    prefix = str(tmp_path / "web")
+    _indexed(prefix, [[5, 6, 7, 2], [8, 9, 2]])
+    assert indexed_dataset_problem(prefix) is None
+    with open(prefix + ".bin", "r+b") as f:
+        f.truncate(10)  # an interrupted copy
+    assert "has 10 bytes but its index describes 14" in indexed_dataset_problem(prefix)
+    cfg = compose_pretrain_config("danube_tiny", [
+        "model.tokenizer.library=huggingface", f"model.tokenizer.model={tmp_path}",
+        f"model.data.data_prefix=[{prefix}]"])
+    assert any("rebuild the dataset" in p for p in preflight(cfg, CPU))
+    with open(prefix + ".idx", "r+b") as f:
+        f.write(b"GARBAGE!!")
+    assert "not a Megatron index file" in indexed_dataset_problem(prefix)
+    _indexed(str(tmp_path / "empty"), [])
+    assert "no sequences" in indexed_dataset_problem(str(tmp_path / "empty"))

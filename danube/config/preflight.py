@@ -16,8 +16,14 @@ import torch
 from danube.config.compose import load_yaml_config
 from danube.config.schema import PretrainConfig
 from danube.config.validate import EMBEDDED_PREFIX, blend_paths, world_size
+from danube.data.indexed import indexed_dataset_problem
 from danube.runtime import launch_info, transformer_engine_available
-from danube.training.checkpoint_dirs import CONFIG_FILE, is_complete, latest_checkpoint
+from danube.training.checkpoint_dirs import (
+    CONFIG_FILE,
+    checkpoint_problem,
+    is_complete,
+    latest_checkpoint,
+)
 
 # Keys whose change makes a checkpoint's weights unusable: checked before resuming.
 ARCHITECTURE_KEYS = (
@@ -83,6 +89,8 @@ def _check_files(cfg: PretrainConfig, problems: List[str]) -> None:
             problems.append(f"model.data.data_prefix: {prefix}{' and '.join(missing)} not found; "
                             "each prefix names a Megatron indexed dataset, the files "
                             "<prefix>.bin and <prefix>.idx")
+        elif (problem := indexed_dataset_problem(prefix)) is not None:
+            problems.append(f"model.data.data_prefix: {problem}")
     if m.tokenizer.library == "huggingface" and m.tokenizer.model:
         path = Path(m.tokenizer.model)
         json_path = path / "tokenizer.json" if path.is_dir() else path
@@ -105,11 +113,27 @@ def _check_checkpoints(cfg: PretrainConfig, problems: List[str]) -> None:
     if restore and not is_complete(Path(restore)):
         problems.append(f"model.restore_from_path={restore} is not a complete danube checkpoint "
                         f"(a step_* directory holding danube_checkpoint.json)")
-    source = latest if (latest is not None and em.resume_if_exists) else (
+    resuming = latest is not None and em.resume_if_exists
+    source = latest if resuming else (
         Path(restore) if restore and is_complete(Path(restore)) else None)
-    if source is None or not (source / CONFIG_FILE).is_file():
+    if source is not None:
+        _check_checkpoint_content(cfg, source, resuming, problems)
+
+
+def _check_checkpoint_content(cfg: PretrainConfig, source: Path, resuming: bool,
+                              problems: List[str]) -> None:
+    """The checkpoint a launch will load: whole, and of the same architecture."""
+    problem = checkpoint_problem(source)
+    if problem is not None:
+        fix = ("move it out of the checkpoints directory to resume from the one before"
+               if resuming else "point model.restore_from_path at another checkpoint")
+        problems.append(f"checkpoint {problem}; {fix}")
         return
-    saved = load_yaml_config(source / CONFIG_FILE).model
+    try:
+        saved = load_yaml_config(source / CONFIG_FILE).model
+    except Exception as error:  # an unreadable or foreign config is reported, not raised
+        problems.append(f"{source / CONFIG_FILE} does not parse as a danube config: {error}")
+        return
     for key in ARCHITECTURE_KEYS:
         old, new = getattr(saved, key), getattr(cfg.model, key)
         if old != new:

@@ -60,3 +60,21 @@ def latest_checkpoint(root: Path) -> Optional[Path]:
     return found[-1][1] if found else None
 
 
+
+
+# What megatron-core's torch_dist format always writes, besides the .distcp shards.
+_DIST_FILES = ("metadata.json", "common.pt", ".metadata")
+
+
+def checkpoint_problem(path: Path) -> Optional[str]:
+    """What makes a complete-looking checkpoint unloadable, or None (files only, cheap)."""
+    try:
+        meta = read_meta(path)
+        if not isinstance(meta.step, int) or not isinstance(meta.consumed_samples, int):
+            raise TypeError("step and consumed_samples must be integers")
+    except (OSError, ValueError, TypeError) as error:
+        return f"{path / META_FILE} is unreadable ({error})"
+    missing = [name for name in (*_DIST_FILES, CONFIG_FILE) if not (path / name).is_file()]
+    if missing:
+        return f"{path} lacks {', '.join(missing)}: not a whole danube checkpoint"
+    return None

@@ -9,6 +9,7 @@ from typing import Iterator, List, Optional
 import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import get_batch_on_this_cp_rank
 
 
 @dataclass
@@ -34,8 +35,9 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 
 
 def forward_step(device: torch.device, data_iterator: Iterator, model):
-    """megatron-core forward_step_func: one micro-batch through this rank's model chunk."""
-    batch = _to_device(next(data_iterator), device)
+    """megatron-core forward_step_func: one micro-batch through this rank's model chunk.
+    With context parallelism each rank keeps its two (load-balanced) sequence chunks."""
+    batch = get_batch_on_this_cp_rank(_to_device(next(data_iterator), device))
     output = model(
         batch["tokens"],  # [b, s]
         batch["position_ids"],  # [b, s]
@@ -46,13 +48,12 @@ def forward_step(device: torch.device, data_iterator: Iterator, model):
 
 
 def _reduce_losses(losses: List[dict], device: torch.device) -> float:
-    """Token-weighted mean loss over micro-batches and data-parallel ranks, on every rank.
-    Only the last pipeline stage (TP rank 0) contributes, so one all-reduce over the world
-    both reduces over DP and broadcasts to the other stages."""
+    """Token-weighted mean loss over micro-batches, data- and context-parallel ranks, on every
+    rank. Only the last pipeline stage (TP rank 0) contributes, so one all-reduce over the
+    world both reduces over DP x CP and broadcasts to the other stages."""
     total = torch.zeros(2, dtype=torch.float64, device=device)
     if (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-            and parallel_state.get_tensor_model_parallel_rank() == 0
-            and parallel_state.get_context_parallel_rank() == 0):
+            and parallel_state.get_tensor_model_parallel_rank() == 0):
         for item in losses:
             total += item["lm loss"].to(torch.float64)
     torch.distributed.all_reduce(total)

@@ -1,0 +1,48 @@
+"""Cheap integrity checks of Megatron indexed datasets (<prefix>.bin + <prefix>.idx).
+
+Reads the .idx header and its last sequence entry only (constant time, whatever the size), so
+the launch preflight can name a truncated or foreign file before anything is built.
+Format as written by megatron-core's `indexed_dataset._IndexWriter`: magic, version (u64 = 1),
+dtype code (u8), sequence count (u64), document count (u64), then int32 sequence lengths,
+int64 byte pointers into the .bin, int64 document indices.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from typing import Optional
+
+_MAGIC = b"MMIDIDX\x00\x00"
+_ITEM_SIZE = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 8, 7: 4, 8: 2}  # megatron DType code -> bytes
+_HEADER = len(_MAGIC) + 8 + 1 + 8 + 8
+
+
+def indexed_dataset_problem(prefix: str) -> Optional[str]:
+    """What is wrong with <prefix>.bin/.idx, or None when they look consistent."""
+    idx, binary = prefix + ".idx", prefix + ".bin"
+    try:
+        with open(idx, "rb") as f:
+            head = f.read(_HEADER)
+            if len(head) < _HEADER or not head.startswith(_MAGIC):
+                return f"{idx} is not a Megatron index file (bad header)"
+            version, code, sequences, documents = struct.unpack("<QBQQ", head[len(_MAGIC):])
+            if version != 1 or code not in _ITEM_SIZE:
+                return f"{idx}: unsupported version {version} or dtype code {code}"
+            if sequences == 0:
+                return f"{idx} holds no sequences (empty dataset)"
+            expected_idx = _HEADER + sequences * (4 + 8) + documents * 8
+            if os.path.getsize(idx) < expected_idx:
+                return f"{idx} is truncated ({os.path.getsize(idx)} of {expected_idx} bytes)"
+            f.seek(_HEADER + (sequences - 1) * 4)
+            last_length = struct.unpack("<i", f.read(4))[0]
+            f.seek(_HEADER + sequences * 4 + (sequences - 1) * 8)
+            last_pointer = struct.unpack("<q", f.read(8))[0]
+    except OSError as error:
+        return f"cannot read {idx}: {error.strerror}"
+    expected_bin = last_pointer + last_length * _ITEM_SIZE[code]
+    actual_bin = os.path.getsize(binary)
+    if actual_bin != expected_bin:
+        return (f"{binary} has {actual_bin} bytes but its index describes {expected_bin}: "
+                "truncated or from another build; rebuild the dataset")
+    return None
