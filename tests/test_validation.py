@@ -181,3 +181,12 @@ def test_damaged_indexed_datasets_are_named(tmp_path):
     assert "not a Megatron index file" in indexed_dataset_problem(prefix)
     _indexed(str(tmp_path / "empty"), [])
     assert "no sequences" in indexed_dataset_problem(str(tmp_path / "empty"))
+
+
+def test_a_split_the_run_reads_must_get_data():
+    cfg = compose_pretrain_config("danube_tiny", ["model.data.splits_string='990,10,0'"])
+    assert any("gives the test split nothing but trainer.limit_test_batches=4" in p
+               for p in validate(cfg))
+    fine = compose_pretrain_config("danube_tiny", ["model.data.splits_string='990,10,0'",
+                                                   "trainer.limit_test_batches=0"])
+    assert validate(fine) == []

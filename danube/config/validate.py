@@ -286,6 +286,8 @@ def _check_data(cfg: PretrainConfig, problems: List[str]) -> None:
         if len(shares) != 3 or min(shares) < 0 or sum(shares) <= 0:
             problems.append(f"model.data.splits_string={data.splits_string!r} must be three "
                             "non-negative numbers train,validation,test (e.g. 980,10,10)")
+        else:
+            _check_split_use(cfg, dict(zip(("train", "validation", "test"), shares)), problems)
     for split, group in splits.items():
         if group is None:
             continue
@@ -302,6 +304,19 @@ def _check_data(cfg: PretrainConfig, problems: List[str]) -> None:
                 problems.append(f"model.data.data_prefix uses {path} but "
                                 f"model.tokenizer.library={tok.library!r}: the embedded corpus "
                                 "is tokenized with library=embedded")
+
+
+def _check_split_use(cfg: PretrainConfig, shares: dict, problems: List[str]) -> None:
+    """A split the run reads must get a share of the data."""
+    wanted = {"train": cfg.trainer.max_steps, "validation": cfg.trainer.limit_val_batches,
+              "test": cfg.trainer.limit_test_batches}
+    keys = {"train": "trainer.max_steps", "validation": "trainer.limit_val_batches",
+            "test": "trainer.limit_test_batches"}
+    for split, share in shares.items():
+        if share == 0 and wanted[split] > 0:
+            problems.append(f"model.data.splits_string={cfg.model.data.splits_string!r} gives "
+                            f"the {split} split nothing but {keys[split]}={wanted[split]}: give it "
+                            f"a share or set {keys[split]}=0")
 
 
 def validate(cfg: PretrainConfig) -> List[str]:

@@ -60,6 +60,22 @@ def _reduce_losses(losses: List[dict], device: torch.device) -> float:
     return (total[0] / total[1].clamp(min=1)).item()
 
 
+def _run_schedule(model: List, iterators: List[Iterator], shape: StepShape, device: torch.device,
+                  forward_only: bool) -> List[dict]:
+    """One global batch through megatron's schedule for the parallel layout (no pipelining,
+    1F1B, or interleaved); returns the last stage's per-micro-batch loss reports."""
+    return get_forward_backward_func()(
+        forward_step_func=partial(forward_step, device),
+        data_iterator=iterators if len(iterators) > 1 else iterators[0],
+        model=model,
+        num_microbatches=shape.num_microbatches,
+        seq_length=shape.seq_length,
+        micro_batch_size=shape.micro_batch_size,
+        decoder_seq_length=shape.seq_length,
+        forward_only=forward_only,
+    )
+
+
 def train_step(model: List, optimizer, scheduler, iterators: List[Iterator], shape: StepShape,
                device: torch.device):
     """Forward/backward over all micro-batches, then one optimizer step at the scheduler's
@@ -69,16 +85,7 @@ def train_step(model: List, optimizer, scheduler, iterators: List[Iterator], sha
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    losses = get_forward_backward_func()(
-        forward_step_func=partial(forward_step, device),
-        data_iterator=iterators if len(iterators) > 1 else iterators[0],
-        model=model,
-        num_microbatches=shape.num_microbatches,
-        seq_length=shape.seq_length,
-        micro_batch_size=shape.micro_batch_size,
-        decoder_seq_length=shape.seq_length,
-        forward_only=False,
-    )
+    losses = _run_schedule(model, iterators, shape, device, forward_only=False)
     _, grad_norm, _ = optimizer.step()  # bf16/fp32: no loss scaling, never skipped
     return _reduce_losses(losses, device), lr, grad_norm
 
@@ -91,16 +98,7 @@ def evaluate(model: List, iterators: List[Iterator], num_batches: int, shape: St
         chunk.eval()
     losses: List[dict] = []
     for _ in range(num_batches):
-        losses += get_forward_backward_func()(
-            forward_step_func=partial(forward_step, device),
-            data_iterator=iterators if len(iterators) > 1 else iterators[0],
-            model=model,
-            num_microbatches=shape.num_microbatches,
-            seq_length=shape.seq_length,
-            micro_batch_size=shape.micro_batch_size,
-            decoder_seq_length=shape.seq_length,
-            forward_only=True,
-        )
+        losses += _run_schedule(model, iterators, shape, device, forward_only=True)
     for chunk in model:
         chunk.train()
     return _reduce_losses(losses, device)
