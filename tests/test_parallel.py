@@ -72,3 +72,19 @@ def test_distributed_optimizer_resume_is_exact(tmp_path, init_checkpoint):
     straight, resumed = train_losses(tmp_path / "straight"), train_losses(tmp_path / "resumed")
     assert list(straight) == [1, 2, 3, 4, 5, 6]
     assert resumed == straight
+
+
+def test_resume_reshards_across_layouts(tmp_path, init_checkpoint, reference):
+    """A checkpoint saved with one layout resumes with another (model and optimizer state
+    reshard; RNG state is per layout and starts afresh): single -> TP=2 -> PP=2."""
+    common = [*_common(tmp_path, init_checkpoint), "exp_manager.name=moving",
+              "exp_manager.checkpoint_callback_params.every_n_train_steps=2"]
+    run_pretrain([*common, "trainer.max_steps=2"])
+    run_pretrain([*common, "trainer.max_steps=4", "model.tensor_model_parallel_size=2"], nproc=2)
+    last = run_pretrain([*common, f"trainer.max_steps={STEPS}",
+                         "model.pipeline_model_parallel_size=2"], nproc=2)
+    assert "resumed from" in last.stdout and "(step 4)" in last.stdout
+    records = train_records(tmp_path / "moving")
+    assert list(records) == list(reference)
+    for step, ref in reference.items():
+        assert records[step]["loss"] == pytest.approx(ref["loss"], rel=TOLERANCE["loss"]), step

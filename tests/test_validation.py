@@ -190,3 +190,14 @@ def test_a_split_the_run_reads_must_get_data():
     fine = compose_pretrain_config("danube_tiny", ["model.data.splits_string='990,10,0'",
                                                    "trainer.limit_test_batches=0"])
     assert validate(fine) == []
+
+
+def test_distributed_optimizer_state_only_resumes_on_its_layout(tmp_path):
+    cfg = compose_pretrain_config("danube_tiny", [f"exp_manager.exp_dir={tmp_path}",
+                                                  "model.optim.name=distributed_fused_adam"])
+    ckpt = _fake_checkpoint(tmp_path / "danube_tiny" / "checkpoints", 10, to_yaml(cfg))
+    (ckpt / "danube_checkpoint.json").write_text(json.dumps({
+        "step": 10, "consumed_samples": 160, "layout": {"tp": 2, "pp": 1},
+        "optimizer_sharding": "dp_reshardable"}))
+    problems = preflight(cfg, CPU)
+    assert any("reshards across data-parallel sizes only" in p for p in problems), problems

@@ -23,6 +23,7 @@ from danube.training.checkpoint_dirs import (
     checkpoint_problem,
     is_complete,
     latest_checkpoint,
+    read_meta,
 )
 
 # Keys whose change makes a checkpoint's weights unusable: checked before resuming.
@@ -139,6 +140,14 @@ def _check_checkpoint_content(cfg: PretrainConfig, source: Path, resuming: bool,
         if old != new:
             problems.append(f"model.{key}={new!r} but the checkpoint {source} was trained with "
                             f"{old!r}; restore the value or start a new experiment name")
+    meta = read_meta(source)
+    layout = (cfg.model.tensor_model_parallel_size, cfg.model.pipeline_model_parallel_size)
+    saved_layout = (meta.layout.get("tp"), meta.layout.get("pp"))
+    if resuming and meta.optimizer_sharding == "dp_reshardable" and saved_layout != layout:
+        problems.append(f"{source} holds distributed-optimizer state for TP x PP = "
+                        f"{saved_layout[0]} x {saved_layout[1]}, which reshards across data-"
+                        f"parallel sizes only: resume with that layout (now {layout[0]} x "
+                        f"{layout[1]}), or start a new experiment with model.restore_from_path")
 
 
 def preflight(cfg: PretrainConfig, machine: Machine) -> List[str]:

@@ -198,11 +198,15 @@ def load_checkpoint(
     full = optimizer is not None
     metadata = sharded_metadata(distributed_optimizer and full)
     state = model_sharded_state_dict(model, metadata)
+    # RNG states are per (PP, TP) rank: they only carry over to the same layout.
+    same_layout = meta.layout.get("tp") == parallel_state.get_tensor_model_parallel_world_size() \
+        and meta.layout.get("pp") == parallel_state.get_pipeline_model_parallel_world_size()
     if full:
         if distributed_optimizer and not HAVE_APEX_OR_TE:
             _init_adam_states(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=metadata)
-        state["rng_state"] = _rng_state()
+        if same_layout:
+            state["rng_state"] = _rng_state()
     loaded = dist_checkpointing.load(state, str(path))
     for key, chunk in zip(_state_keys(model), model):
         unwrap_model(chunk).load_state_dict(loaded[key])
@@ -213,5 +217,6 @@ def load_checkpoint(
         if distributed_optimizer and not HAVE_APEX_OR_TE:
             _restore_adam_steps(optimizer, loaded["optimizer"])
         scheduler.load_state_dict(loaded["scheduler"])
-        _restore_rng_state(loaded["rng_state"])
+        if same_layout:
+            _restore_rng_state(loaded["rng_state"])
     return meta
