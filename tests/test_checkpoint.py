@@ -55,8 +55,9 @@ def test_a_killed_save_leaves_the_last_good_checkpoint(tmp_path, megatron_world,
 
     monkeypatch.setattr(ckpt.dist_checkpointing, "save", killed)
     with pytest.raises(KeyboardInterrupt):
-        ckpt.save_checkpoint(tmp_path, [_Stub()], _Stub(), _Stub(),
-                             CheckpointMeta(step=20, consumed_samples=320), "a: 1\n", False)
+        ckpt.save_checkpoint(tmp_path / "step_00000020", [_Stub()],
+                             CheckpointMeta(step=20, consumed_samples=320), "a: 1\n",
+                             optimizer=_Stub(), scheduler=_Stub())
     assert (tmp_path / ".tmp-step_00000020" / "__0_0.distcp").exists()
     assert not (tmp_path / "step_00000020").exists()
     assert latest_checkpoint(tmp_path) == good
@@ -65,8 +66,9 @@ def test_a_killed_save_leaves_the_last_good_checkpoint(tmp_path, megatron_world,
         Path(directory, "__0_0.distcp").write_bytes(b"whole")
 
     monkeypatch.setattr(ckpt.dist_checkpointing, "save", written)
-    path = ckpt.save_checkpoint(tmp_path, [_Stub()], _Stub(), _Stub(),
-                                CheckpointMeta(step=20, consumed_samples=320), "a: 1\n", False)
+    path = ckpt.save_checkpoint(tmp_path / "step_00000020", [_Stub()],
+                                CheckpointMeta(step=20, consumed_samples=320), "a: 1\n",
+                                optimizer=_Stub(), scheduler=_Stub())
     assert path == tmp_path / "step_00000020" and latest_checkpoint(tmp_path) == path
     assert not (tmp_path / ".tmp-step_00000020").exists()
     assert (path / "__0_0.distcp").read_bytes() == b"whole"
@@ -80,8 +82,8 @@ def test_saving_a_step_again_replaces_it_whole(tmp_path, megatron_world, monkeyp
     (old / "stale.distcp").write_text("old run")
     monkeypatch.setattr(ckpt.dist_checkpointing, "save",
                         lambda state, d: Path(d, "fresh.distcp").write_text("new"))
-    ckpt.save_checkpoint(tmp_path, [_Stub()], _Stub(), _Stub(),
-                         CheckpointMeta(step=20, consumed_samples=1), "", False)
+    ckpt.save_checkpoint(old, [_Stub()], CheckpointMeta(step=20, consumed_samples=1), "",
+                         optimizer=_Stub(), scheduler=_Stub())
     assert sorted(p.name for p in old.iterdir()) == [
         "config.yaml", "danube_checkpoint.json", "fresh.distcp"]
     assert [p.name for p in tmp_path.iterdir()] == ["step_00000020"]

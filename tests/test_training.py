@@ -35,6 +35,7 @@ def test_danube_tiny_learns_and_logs(tmp_path):
     ckpts = sorted(p.name for p in (exp / "checkpoints").iterdir())
     assert ckpts == ["step_00000020", "step_00000040"]
     assert (exp / "checkpoints" / "step_00000040" / "config.yaml").is_file()
+    assert (exp / "checkpoints" / "step_00000040" / "tokenizer" / "tokenizer.json").is_file()
     assert (exp / "config.yaml").is_file()
 
 

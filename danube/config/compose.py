@@ -46,7 +46,7 @@ def hydra_runner(config_name: str, config_path: Optional[str] = None) -> Callabl
             register_schemas()
             given = {a.split("=", 1)[0].lstrip("+~") for a in sys.argv[1:] if "=" in a}
             defaults = [o for o in _HYDRA_DEFAULT_OVERRIDES if o.split("=", 1)[0] not in given]
-            sys.argv = [sys.argv[0], *defaults, *sys.argv[1:]]
+            sys.argv = [*sys.argv, *defaults]  # after the user's options and overrides
             hydra.main(
                 config_path=config_path or str(CONFIG_DIR),
                 config_name=config_name,
@@ -86,6 +86,9 @@ def to_yaml(config: PretrainConfig) -> str:
 
 
 def load_yaml_config(path: os.PathLike) -> PretrainConfig:
-    """Read a saved resolved config back into the schema (strict: unknown keys fail)."""
-    merged = OmegaConf.merge(OmegaConf.structured(PretrainConfig), OmegaConf.load(path))
+    """Read a saved config back into the schema (strict: unknown keys fail). A Hydra
+    `defaults` list, as configs written for the launcher carry, is ignored."""
+    loaded = OmegaConf.load(path)
+    loaded.pop("defaults", None)
+    merged = OmegaConf.merge(OmegaConf.structured(PretrainConfig), loaded)
     return OmegaConf.to_object(merged)

@@ -173,7 +173,7 @@ class ModelConfig:
     `sliding_window`); null = full causal attention."""
     position_embedding_type: str = "rope"
     """rope | learned_absolute."""
-    rotary_base: int = 10000
+    rotary_base: float = 10000.0
     """RoPE theta."""
     rotary_percentage: float = 1.0
     """Fraction of each head's dimensions rotated by RoPE."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 from typing import Iterable, List, Optional
 
@@ -17,6 +18,9 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 # Llama/Danube ids for the first three (anchors.md: bos=1 eos=2 pad=0); the chat markers
 # of the H2O-Danube template are reserved so SFT data never splits them.
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|system|>", "<|prompt|>", "<|answer|>"]
+# Files of a Hugging Face tokenizer directory that travel with it.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "generation_config.json")
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 
 
@@ -57,6 +61,18 @@ class Tokenizer:
 
     def save(self, path: os.PathLike) -> None:
         self.hf.save(str(path))
+
+    def save_pretrained(self, directory: os.PathLike) -> None:
+        """The tokenizer's own directory files (a HF tokenizer keeps its tokenizer_config and
+        special-token map), or just tokenizer.json for one trained here."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.path is not None:
+            for name in TOKENIZER_FILES[:-1]:
+                if (self.path.parent / name).is_file():
+                    shutil.copy2(self.path.parent / name, directory / name)
+        if not (directory / "tokenizer.json").is_file():
+            self.save(directory / "tokenizer.json")
 
 
 def tokenizer_json_path(path: os.PathLike) -> Path:

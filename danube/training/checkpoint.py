@@ -4,6 +4,7 @@ Layout under <exp_dir>/<name>/checkpoints:
     step_00000100/            a complete checkpoint: the dist_checkpointing files,
         danube_checkpoint.json    step, consumed samples, val loss, parallel layout
         config.yaml               the fully resolved config of the run
+        tokenizer/                the tokenizer files (the checkpoint is self-contained)
     .tmp-step_00000100/       a save in progress (never loaded)
 
 A save writes into the temporary directory, then rank 0 writes danube_checkpoint.json last
@@ -32,8 +33,8 @@ from danube.training.checkpoint_dirs import (
     CONFIG_FILE,
     META_FILE,
     TMP_PREFIX,
+    TOKENIZER_DIR,
     CheckpointMeta,
-    checkpoint_dir_name,
     list_checkpoints,
     read_meta,
 )
@@ -128,31 +129,36 @@ def _barrier() -> None:
 
 
 def save_checkpoint(
-    root: Path, model: List, optimizer, scheduler, meta: CheckpointMeta, config_yaml: str,
-    distributed_optimizer: bool,
+    path: Path, model: List, meta: CheckpointMeta, config_yaml: str, tokenizer=None,
+    optimizer=None, scheduler=None, distributed_optimizer: bool = False,
 ) -> Path:
-    """Collective. Writes step_<N> atomically; returns its path."""
-    final = root / checkpoint_dir_name(meta.step)
-    tmp = root / f"{TMP_PREFIX}{final.name}"
+    """Collective. Writes the checkpoint directory `path` atomically: into a `.tmp-` sibling
+    first, renamed into place once complete. Without an optimizer it holds the weights only
+    (a conversion from Hugging Face); the tokenizer files go beside the weights."""
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
     if torch.distributed.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # a save killed earlier
         tmp.mkdir(parents=True)
     _barrier()
     metadata = sharded_metadata(distributed_optimizer)
     state = model_sharded_state_dict(model, metadata)
-    state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=False, metadata=metadata)
-    state["scheduler"] = scheduler.state_dict()
-    state["rng_state"] = _rng_state()
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=False,
+                                                          metadata=metadata)
+        state["scheduler"] = scheduler.state_dict()
+        state["rng_state"] = _rng_state()
     dist_checkpointing.save(state, str(tmp))
     _barrier()
     if torch.distributed.get_rank() == 0:
         meta.saved_at = time.time()
         meta.optimizer_sharding = metadata.get("distrib_optim_sharding_type")
         (tmp / CONFIG_FILE).write_text(config_yaml)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
         _write_durably(tmp / META_FILE, json.dumps(meta.__dict__, indent=2))
-        _commit(tmp, final)
+        _commit(tmp, path)
     _barrier()
-    return final
+    return path
 
 
 def _write_durably(path: Path, text: str) -> None:

@@ -13,6 +13,7 @@ from typing import List, Optional, Tuple
 
 META_FILE = "danube_checkpoint.json"
 CONFIG_FILE = "config.yaml"
+TOKENIZER_DIR = "tokenizer"
 _PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
 

@@ -34,15 +34,16 @@ def init_distributed(model: ModelConfig, accelerator: str) -> LaunchInfo:
         torch.cuda.set_device(info.local_rank)
     else:
         cpu_compat.apply()
-    if info.launcher == "single":
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    elif info.launcher == "slurm" and "MASTER_ADDR" not in os.environ:
+    # One process has nobody to meet: a fresh local port, never an inherited MASTER_PORT
+    # (which a parent process may be using).
+    init_method = f"tcp://127.0.0.1:{_free_port()}" if info.launcher == "single" else "env://"
+    if info.launcher == "slurm" and "MASTER_ADDR" not in os.environ:
         raise RuntimeError("under SLURM, export MASTER_ADDR (the first node's host name) and "
                            "MASTER_PORT before srun; see launchers/slurm/pretrain.sbatch")
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group(
             backend="nccl" if cuda else "gloo",
+            init_method=init_method,
             rank=info.rank,
             world_size=info.world_size,
             timeout=timedelta(minutes=30),

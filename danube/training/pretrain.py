@@ -49,6 +49,7 @@ class Trainer:
     shape: StepShape
     device: torch.device
     log: MetricsLogger
+    tokenizer: Tokenizer
     step: int = 0
     consumed_samples: int = 0
     last_val_loss: Optional[float] = None
@@ -96,7 +97,7 @@ def build_trainer(cfg: PretrainConfig, tokenizer: Tokenizer, corpus_dir) -> Trai
                       m.encoder_seq_length)
     log = MetricsLogger(exp_dir(cfg), cfg.exp_manager.create_tensorboard_logger,
                         t.max_steps, enabled=_is_rank0())
-    return Trainer(cfg, model, optimizer, scheduler, datasets, shape, device, log)
+    return Trainer(cfg, model, optimizer, scheduler, datasets, shape, device, log, tokenizer)
 
 
 def restore(trainer: Trainer) -> None:
@@ -148,8 +149,10 @@ def _save(trainer: Trainer) -> None:
                 "vp": m.virtual_pipeline_model_parallel_size,
                 "dp": parallel_state.get_data_parallel_world_size()},
     )
-    path = ckpt.save_checkpoint(root, trainer.model, trainer.optimizer, trainer.scheduler, meta,
-                                to_yaml(cfg), uses_distributed_optimizer(m.optim))
+    path = ckpt.save_checkpoint(
+        root / checkpoint_dir_name(trainer.step), trainer.model, meta, to_yaml(cfg),
+        tokenizer=trainer.tokenizer, optimizer=trainer.optimizer, scheduler=trainer.scheduler,
+        distributed_optimizer=uses_distributed_optimizer(m.optim))
     if _is_rank0():
         params = cfg.exp_manager.checkpoint_callback_params
         ckpt.prune_checkpoints(root, params.save_top_k, params.monitor)

@@ -1,0 +1,94 @@
+"""A danube checkpoint (any TP/PP layout) -> a Hugging Face directory that
+`AutoModelForCausalLM.from_pretrained` loads with no code of ours.
+
+Streams: one layer is read from the checkpoint at a time and safetensors shards are written
+as they fill, so memory stays near one shard plus one layer. Written under a `.tmp-` sibling
+and renamed at the end: an interrupted export leaves no <hf_dir>.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from danube.config.compose import load_yaml_config
+from danube.conversion import ConversionError
+from danube.conversion.hf_config import export_problems, hf_config_from_model
+from danube.conversion.hf_files import ShardedSafetensorsWriter
+from danube.conversion.hf_tokenizer import token_ids, write_hf_tokenizer
+from danube.conversion.layout import GLOBALS, Geometry, hf_layer_name, mcore_to_hf_layer
+from danube.data.tokenizer import load_tokenizer
+from danube.training.checkpoint_dirs import CONFIG_FILE, TOKENIZER_DIR, checkpoint_problem
+
+_DTYPES = {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float16: "float16"}
+
+
+def _problems(ckpt: Path, hf_dir: Path, tokenizer_dir: Path):
+    problems, model = [], None
+    problem = checkpoint_problem(ckpt) if ckpt.is_dir() else f"{ckpt} is not a directory"
+    if problem:
+        problems.append(f"{problem} (give a checkpoint directory, e.g. "
+                        "results/<name>/checkpoints/step_00000100)")
+    else:
+        model = load_yaml_config(ckpt / CONFIG_FILE).model
+        problems += export_problems(model)
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        problems.append(f"no tokenizer.json in {tokenizer_dir}: pass --tokenizer <directory>")
+    if hf_dir.exists() and any(hf_dir.iterdir()):
+        problems.append(f"{hf_dir} exists and is not empty: choose a new output directory")
+    return model, problems
+
+
+def export_hf(ckpt: Path, hf_dir: Path, max_shard_bytes: int = 5 * 2**30,
+              tokenizer_dir: Path = None) -> Path:
+    """Convert; returns hf_dir. Raises ConversionError (nothing written) on bad input."""
+    from danube.conversion.mcore_files import DistCheckpointReader
+
+    ckpt, hf_dir = Path(ckpt), Path(hf_dir)
+    tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else ckpt / TOKENIZER_DIR
+    model, problems = _problems(ckpt, hf_dir, tokenizer_dir)
+    if problems:
+        raise ConversionError(problems)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    tmp = hf_dir.with_name(f".tmp-{hf_dir.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    reader = DistCheckpointReader(ckpt)
+    dtype = _stream_weights(reader, model, tokenizer.vocab_size, tmp, max_shard_bytes)
+    config = hf_config_from_model(model, tokenizer.vocab_size, token_ids(tokenizer), dtype)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    generation = {**token_ids(tokenizer), "do_sample": False}
+    (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    write_hf_tokenizer(tokenizer_dir, tmp, tokenizer, model.max_position_embeddings)
+    if hf_dir.exists():
+        hf_dir.rmdir()  # empty (checked above)
+    tmp.rename(hf_dir)
+    return hf_dir
+
+
+def _stream_weights(reader, model, vocab: int, out_dir: Path, max_shard_bytes: int) -> str:
+    """Write every weight in HF names and order; returns the dtype name."""
+    writer = ShardedSafetensorsWriter(out_dir, max_shard_bytes)
+    if reader.num_layers != model.num_layers:
+        raise ConversionError([f"checkpoint has {reader.num_layers} layers, its config says "
+                               f"{model.num_layers}"])
+    embedding = reader.tensor("embedding.word_embeddings.weight")
+    writer.add(GLOBALS["embedding.word_embeddings.weight"], embedding[:vocab])  # drop padding
+    dtype = _DTYPES[embedding.dtype]
+    del embedding
+    geometry = Geometry(model.hidden_size, model.num_attention_heads,
+                        model.num_query_groups or model.num_attention_heads,
+                        model.kv_channels or model.hidden_size // model.num_attention_heads)
+    for index in tqdm(range(model.num_layers), desc="layers", unit="layer"):
+        for key, tensor in mcore_to_hf_layer(reader.layer(index), geometry).items():
+            writer.add(hf_layer_name(index, key), tensor)
+    writer.add(GLOBALS["decoder.final_layernorm.weight"],
+               reader.tensor("decoder.final_layernorm.weight"))
+    if not model.share_embeddings_and_output_weights:
+        writer.add(GLOBALS["output_layer.weight"], reader.tensor("output_layer.weight")[:vocab])
+    writer.finish()
+    return dtype

@@ -1,0 +1,316 @@
+"""Hugging Face <-> danube conversion, proven by logits parity and bit-identical round trips."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import QUIET, ROOT, SMALL_MODEL, run_pretrain
+
+SEQ = 24  # longer than the window below
+
+
+def _tokenizer():
+    from danube.data.tokenizer import train_byte_level_bpe
+
+    text = ["def add(a, b):\n    return a + b  # sum", "The quick brown fox jumps over it."]
+    return train_byte_level_bpe(text * 40, vocab_size=300)
+
+
+def make_hf(path: Path, family: str, **shape) -> Path:
+    """A tiny random HF model saved as transformers does, with a tokenizer.json."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+    tok = _tokenizer()
+    base = dict(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=64, initializer_range=0.2, rms_norm_eps=1e-5)
+    base.update(shape)
+    torch.manual_seed(0)
+    if family == "mistral":
+        model = MistralForCausalLM(MistralConfig(**{"sliding_window": 8, **base}))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**base))
+    model.save_pretrained(path)
+    tok.save(path / "tokenizer.json")
+    return path
+
+
+def convert(script: str, *args, check=True) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, f"conversion/{script}", *map(str, args)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(result.stderr[-4000:])
+    return result
+
+
+def hf_logits(path: Path, tokens: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(input_ids=tokens).logits
+
+
+def our_logits(checkpoint: Path, tokens: torch.Tensor) -> torch.Tensor:
+    from danube.config.compose import load_yaml_config
+    from danube.model.builder import build_model_chunks, transformer_config
+    from danube.training.checkpoint import load_checkpoint
+
+    m = load_yaml_config(checkpoint / "config.yaml").model
+    vocab = json.loads((checkpoint / "tokenizer" / "tokenizer.json").read_text())
+    vocab_size = len(vocab["model"]["vocab"])
+    model = build_model_chunks(m, transformer_config(m, "32", False), vocab_size, False)[0]
+    load_checkpoint(checkpoint, [model])
+    with torch.no_grad():
+        positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+        return model.eval()(tokens, positions, None)[..., :vocab_size]
+
+
+SHAPES = {
+    "mistral_gqa_window": ("mistral", {}),
+    "llama_mha_theta1e5_tied": ("llama", {"num_key_value_heads": 4, "rope_theta": 1e5,
+                                           "tie_word_embeddings": True}),
+    "llama_mqa_head_dim": ("llama", {"hidden_size": 48, "num_attention_heads": 4,
+                                      "num_key_value_heads": 1, "head_dim": 16}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_import_export_is_exact(tmp_path, megatron_world, name):
+    from transformers import AutoModelForCausalLM
+
+    family, shape = SHAPES[name]
+    hf_dir = make_hf(tmp_path / "hf", family, **shape)
+    convert("hf_to_mcore.py", hf_dir, tmp_path / "ours")
+    assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == [
+        "checkpoint", "config.yaml", "tokenizer"]
+    tokens = torch.randint(0, 280, (2, SEQ), generator=torch.Generator().manual_seed(1))
+    reference = hf_logits(hf_dir, tokens)
+    torch.testing.assert_close(our_logits(tmp_path / "ours" / "checkpoint", tokens), reference,
+                               rtol=1e-5, atol=1e-5)
+
+    convert("mcore_to_hf.py", tmp_path / "ours" / "checkpoint", tmp_path / "back",
+            "--max-shard-size", "20KB")
+    original = AutoModelForCausalLM.from_pretrained(hf_dir).state_dict()
+    back_model = AutoModelForCausalLM.from_pretrained(tmp_path / "back")
+    back = back_model.state_dict()
+    assert type(back_model).__name__ == f"{family.capitalize()}ForCausalLM"
+    assert set(back) == set(original)
+    assert all(torch.equal(back[k], original[k]) for k in original)  # bit-identical
+    torch.testing.assert_close(hf_logits(tmp_path / "back", tokens), reference, rtol=0, atol=0)
+    index = json.loads((tmp_path / "back" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1  # sharded
+
+
+def test_exported_config_and_tokenizer(tmp_path):
+    from transformers import AutoConfig, AutoTokenizer
+
+    hf_dir = make_hf(tmp_path / "hf", "mistral", rope_theta=12345.0, rms_norm_eps=1e-5)
+    convert("hf_to_mcore.py", hf_dir, tmp_path / "ours")
+    convert("mcore_to_hf.py", tmp_path / "ours" / "checkpoint", tmp_path / "back")
+    original, back = AutoConfig.from_pretrained(hf_dir), AutoConfig.from_pretrained(
+        tmp_path / "back")
+    for key in ("sliding_window", "rms_norm_eps", "tie_word_embeddings", "vocab_size",
+                "max_position_embeddings", "num_key_value_heads", "head_dim"):
+        assert getattr(back, key) == getattr(original, key), key
+    assert back.rope_parameters["rope_theta"] == 12345.0
+    assert (back.bos_token_id, back.eos_token_id, back.pad_token_id) == (1, 2, 0)
+    raw = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert raw["rope_theta"] == 12345.0 and raw["torch_dtype"] == "float32"  # 4.x readers
+    assert (tmp_path / "back" / "generation_config.json").is_file()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "back")
+    chat = tok.apply_chat_template([{"role": "system", "content": "be brief"},
+                                    {"role": "user", "content": "hi"}],
+                                   tokenize=False, add_generation_prompt=True)
+    assert chat == "<|system|>be brief</s><|prompt|>hi</s><|answer|>"
+
+
+@pytest.mark.parametrize("style", ["transformers4", "transformers5"])
+def test_both_config_generations_import(tmp_path, style):
+    hf_dir = make_hf(tmp_path / "hf", "llama", rope_theta=500000.0)
+    config = json.loads((hf_dir / "config.json").read_text())
+    config.pop("rope_parameters", None)
+    config.pop("rope_theta", None)
+    if style == "transformers4":
+        config["rope_theta"] = 500000.0
+    else:
+        config["rope_parameters"] = {"rope_type": "default", "rope_theta": 500000.0}
+    (hf_dir / "config.json").write_text(json.dumps(config))
+    convert("hf_to_mcore.py", hf_dir, tmp_path / "ours")
+    from danube.config.compose import load_yaml_config
+
+    assert load_yaml_config(tmp_path / "ours" / "config.yaml").model.rotary_base == 500000.0
+
+
+def test_pytorch_bin_checkpoints_import(tmp_path):
+    hf_dir = make_hf(tmp_path / "hf", "mistral")
+    from safetensors.torch import load_file
+
+    weights = load_file(hf_dir / "model.safetensors")
+    (hf_dir / "model.safetensors").unlink()
+    torch.save(weights, hf_dir / "pytorch_model.bin")
+    convert("hf_to_mcore.py", hf_dir, tmp_path / "ours")
+    assert (tmp_path / "ours" / "checkpoint" / "danube_checkpoint.json").is_file()
+
+
+@pytest.mark.parametrize("edit,needle", [
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "RoPE scaling type 'llama3'"),
+    ({"attention_bias": True}, "biases are not supported"),
+    ({"num_local_experts": 8}, "mixture-of-experts"),
+    ({"architectures": ["GPT2LMHeadModel"]}, "architecture 'GPT2LMHeadModel' is not supported"),
+])
+def test_unsupported_models_fail_before_writing(tmp_path, edit, needle):
+    hf_dir = make_hf(tmp_path / "hf", "llama")
+    config = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps({**config, **edit}))
+    result = convert("hf_to_mcore.py", hf_dir, tmp_path / "ours", check=False)
+    assert result.returncode != 0 and needle in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "ours").exists() and not (tmp_path / ".tmp-ours").exists()
+
+
+def test_missing_pieces_and_existing_outputs_are_all_reported(tmp_path):
+    hf_dir = make_hf(tmp_path / "hf", "llama")
+    (hf_dir / "tokenizer.json").unlink()
+    (tmp_path / "ours").mkdir()
+    (tmp_path / "ours" / "keep.txt").write_text("mine")
+    result = convert("hf_to_mcore.py", hf_dir, tmp_path / "ours", check=False)
+    assert "has no tokenizer.json" in result.stderr and "is not empty" in result.stderr
+    assert [p.name for p in (tmp_path / "ours").iterdir()] == ["keep.txt"]
+    result = convert("mcore_to_hf.py", tmp_path / "nowhere", tmp_path / "out", check=False)
+    assert result.returncode != 0 and "not a directory" in result.stderr
+
+
+def test_an_interrupted_export_leaves_no_output(tmp_path, monkeypatch):
+    from danube.conversion import exporter
+    from danube.conversion.hf_files import ShardedSafetensorsWriter
+
+    hf_dir = make_hf(tmp_path / "hf", "mistral")
+    convert("hf_to_mcore.py", hf_dir, tmp_path / "ours")
+
+    def killed(self):
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(ShardedSafetensorsWriter, "finish", killed)
+    with pytest.raises(KeyboardInterrupt):
+        exporter.export_hf(tmp_path / "ours" / "checkpoint", tmp_path / "back")
+    assert not (tmp_path / "back").exists()
+    monkeypatch.undo()
+    exporter.export_hf(tmp_path / "ours" / "checkpoint", tmp_path / "back")  # a rerun works
+    assert (tmp_path / "back" / "config.json").is_file()
+    assert not (tmp_path / ".tmp-back").exists()
+
+
+def test_shards_are_written_as_they_fill(tmp_path):
+    from danube.conversion.hf_files import ShardedSafetensorsWriter
+
+    writer = ShardedSafetensorsWriter(tmp_path, max_shard_bytes=1000)
+    for index in range(10):
+        writer.add(f"w{index}", torch.zeros(100))  # 400 bytes each
+        assert writer.buffered_bytes <= 1000
+    writer.finish()
+    assert writer.peak_buffered_bytes == 800 and len(writer.shards) == 5
+    assert sorted(p.name for p in tmp_path.iterdir())[0] == "model-00001-of-00005.safetensors"
+
+
+def test_imported_config_continues_pretraining(tmp_path):
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from danube.data.tokenizer import load_tokenizer
+
+    hf_dir = make_hf(tmp_path / "hf", "mistral")
+    convert("hf_to_mcore.py", hf_dir, tmp_path / "ours")
+    tok = load_tokenizer(tmp_path / "ours" / "tokenizer")
+    builder = IndexedDatasetBuilder(str(tmp_path / "text.bin"), dtype=np.uint16)
+    for i in range(200):
+        ids = tok.tokenize(f"def f{i}(x):\n    return x + {i}  # the quick brown fox") + [tok.eod]
+        builder.add_document(ids, [len(ids)])
+    builder.finalize(str(tmp_path / "text.idx"))
+    result = run_pretrain([
+        "--config-path", str(tmp_path / "ours"), "--config-name", "config",
+        f"model.data.data_prefix=[{tmp_path / 'text'}]", "model.encoder_seq_length=32",
+        "model.micro_batch_size=2", "model.global_batch_size=4", "trainer.max_steps=2",
+        "model.optim.sched.warmup_steps=1", "trainer.precision=32", *QUIET,
+        f"exp_manager.exp_dir={tmp_path / 'runs'}"])
+    assert "initialised weights from" in result.stdout and "step 2/2" in result.stdout
+
+
+def test_export_does_not_depend_on_the_training_layout(tmp_path, init_checkpoint):
+    """Checkpoints of the same weights saved with TP=2 and with PP=2 export to exactly the
+    same files as the TP=1 one."""
+    from safetensors.torch import load_file
+
+    def export(ckpt, name):
+        convert("mcore_to_hf.py", ckpt, tmp_path / name)
+        index = json.loads((tmp_path / name / "model.safetensors.index.json").read_text())
+        tensors = {}
+        for file in set(index["weight_map"].values()):
+            tensors.update(load_file(tmp_path / name / file))
+        return tensors
+
+    reference = export(init_checkpoint, "tp1")
+    layouts = {"tp2": "model.tensor_model_parallel_size=2",
+               "pp2": "model.pipeline_model_parallel_size=2"}
+    for name, layout in layouts.items():
+        run_pretrain([*SMALL_MODEL, *QUIET, "trainer.precision=32", "trainer.max_steps=0",
+                      "model.optim.sched.max_steps=10", "model.optim.sched.warmup_steps=2",
+                      f"model.restore_from_path={init_checkpoint}", layout,
+                      f"exp_manager.exp_dir={tmp_path}", f"exp_manager.name={name}"], nproc=2)
+        saved = tmp_path / name / "checkpoints" / "step_00000000"
+        meta = json.loads((saved / "danube_checkpoint.json").read_text())
+        assert meta["layout"]["tp"] * meta["layout"]["pp"] == 2
+        exported = export(saved, f"from_{name}")
+        assert set(exported) == set(reference)
+        assert all(torch.equal(exported[k], reference[k]) for k in reference), name
+
+
+def test_1_8b_layouts_map_every_key_with_the_right_shape(megatron_world):
+    """Danube's real layout, shapes only: every HF tensor maps to a megatron tensor of the
+    shape GPTModel has, and every megatron tensor is covered."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from danube.config.compose import compose_pretrain_config
+    from danube.conversion.layout import (
+        GLOBALS,
+        HF_LAYER_KEYS,
+        LAYER_PREFIX,
+        Geometry,
+        hf_layer_name,
+        hf_to_mcore_layer,
+        mcore_to_hf_layer,
+    )
+    from danube.model.builder import build_model_chunks, on_meta_device, transformer_config
+
+    m = compose_pretrain_config("danube_1.8b").model
+    with on_meta_device():
+        hf = MistralForCausalLM(MistralConfig(
+            vocab_size=32000, hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size,
+            num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
+            num_key_value_heads=m.num_query_groups, sliding_window=m.window_size))
+        ours = build_model_chunks(m, transformer_config(m, "bf16", False), 32000, False)[0]
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    hf_tensors = dict(hf.state_dict())
+    expected = {}
+    for item in ours.sharded_state_dict().values():
+        if isinstance(item, ShardedTensor):
+            expected[item.key] = tuple(item.global_shape)
+        elif isinstance(item, ShardedTensorFactory):  # SwiGLU fc1: [gate; up] per layer
+            expected[item.key] = (m.num_layers, *item.data.shape)
+    g = Geometry(m.hidden_size, m.num_attention_heads, m.num_query_groups,
+                 m.hidden_size // m.num_attention_heads)
+    produced = {mc: tuple(hf_tensors[name].shape) for mc, name in GLOBALS.items()}
+    layer = hf_to_mcore_layer({k: hf_tensors[hf_layer_name(0, k)] for k in HF_LAYER_KEYS}, g)
+    for key, tensor in layer.items():
+        produced[f"{LAYER_PREFIX}.{key}"] = (m.num_layers, *tensor.shape)
+    assert produced == expected
+    back = mcore_to_hf_layer(layer, g)
+    assert {k: tuple(v.shape) for k, v in back.items()} == {
+        k: tuple(hf_tensors[hf_layer_name(0, k)].shape) for k in HF_LAYER_KEYS}
