@@ -272,20 +272,14 @@ def test_export_does_not_depend_on_the_training_layout(tmp_path, init_checkpoint
 
 
 def test_1_8b_layouts_map_every_key_with_the_right_shape(megatron_world):
-    """Danube's real layout, shapes only: every HF tensor maps to a megatron tensor of the
-    shape GPTModel has, and every megatron tensor is covered."""
+    """Danube's real layout, shapes only: every megatron checkpoint chunk the import writes
+    comes from HF tensors with the right shape, every HF tensor is used, and the export maps
+    each megatron layer back to HF's shapes."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
     from transformers import MistralConfig, MistralForCausalLM
 
     from danube.config.compose import compose_pretrain_config
-    from danube.conversion.layout import (
-        GLOBALS,
-        HF_LAYER_KEYS,
-        LAYER_PREFIX,
-        Geometry,
-        hf_layer_name,
-        hf_to_mcore_layer,
-        mcore_to_hf_layer,
-    )
+    from danube.conversion.layout import FC1, LAYER_PREFIX, Geometry, hf_chunk, mcore_to_hf_layer
     from danube.model.builder import build_model_chunks, on_meta_device, transformer_config
 
     m = compose_pretrain_config("danube_1.8b").model
@@ -295,22 +289,32 @@ def test_1_8b_layouts_map_every_key_with_the_right_shape(megatron_world):
             num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
             num_key_value_heads=m.num_query_groups, sliding_window=m.window_size))
         ours = build_model_chunks(m, transformer_config(m, "bf16", False), 32000, False)[0]
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+    hf_tensors, used = dict(hf.state_dict()), set()
 
-    hf_tensors = dict(hf.state_dict())
-    expected = {}
-    for item in ours.sharded_state_dict().values():
-        if isinstance(item, ShardedTensor):
-            expected[item.key] = tuple(item.global_shape)
-        elif isinstance(item, ShardedTensorFactory):  # SwiGLU fc1: [gate; up] per layer
-            expected[item.key] = (m.num_layers, *item.data.shape)
+    def get(name):
+        used.add(name)
+        return hf_tensors[name]
+
     g = Geometry(m.hidden_size, m.num_attention_heads, m.num_query_groups,
                  m.hidden_size // m.num_attention_heads)
-    produced = {mc: tuple(hf_tensors[name].shape) for mc, name in GLOBALS.items()}
-    layer = hf_to_mcore_layer({k: hf_tensors[hf_layer_name(0, k)] for k in HF_LAYER_KEYS}, g)
-    for key, tensor in layer.items():
-        produced[f"{LAYER_PREFIX}.{key}"] = (m.num_layers, *tensor.shape)
-    assert produced == expected
-    back = mcore_to_hf_layer(layer, g)
+    layer0 = {}
+    # One item per layer and key: keep one per key (and no extra state).
+    by_key = {item.key: item for item in ours.sharded_state_dict().values()
+              if isinstance(item, (ShardedTensor, ShardedTensorFactory))}
+    for item in by_key.values():
+        for layer in range(m.num_layers) if item.key.startswith(LAYER_PREFIX) else [None]:
+            offset = (layer, 0, 0) if layer is not None else (0, 0)
+            if item.key.endswith(FC1):  # gate and up halves, as megatron stores SwiGLU
+                halves = [hf_chunk(item.key, (layer, half * m.ffn_hidden_size, 0), get, g)
+                          for half in (0, 1)]
+                chunk = torch.cat(halves)
+            else:
+                chunk = hf_chunk(item.key, offset, get, g)
+            assert tuple(chunk.shape) == tuple(item.data.shape), item.key
+            if layer == 0:
+                layer0[item.key[len(LAYER_PREFIX) + 1:]] = chunk
+    assert used == set(hf_tensors)  # every HF tensor lands somewhere
+    back = mcore_to_hf_layer(layer0, g)
     assert {k: tuple(v.shape) for k, v in back.items()} == {
-        k: tuple(hf_tensors[hf_layer_name(0, k)].shape) for k in HF_LAYER_KEYS}
+        k[len("model.layers.0."):]: tuple(v.shape) for k, v in hf_tensors.items()
+        if k.startswith("model.layers.0.")}

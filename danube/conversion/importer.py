@@ -5,6 +5,8 @@
     <out_dir>/config.yaml   python launchers/pretrain.py --config-path <out_dir>
                             --config-name config model.data.data_prefix=[...]
 
+Streams: the model is built on the meta device (shapes only) and each checkpoint chunk is made
+from the HF tensors it needs when the writer reaches it, so memory stays near one layer.
 Everything is written under a `.tmp-` sibling and renamed into place at the end: an
 interrupted import leaves no <out_dir>. Every problem (unsupported architecture, missing
 weights or tokenizer, an existing <out_dir>) is reported before anything is written.
@@ -29,13 +31,7 @@ from danube.conversion.hf_config import (
     read_hf_config,
 )
 from danube.conversion.hf_files import HFWeights
-from danube.conversion.layout import (
-    GLOBALS,
-    HF_LAYER_KEYS,
-    Geometry,
-    hf_layer_name,
-    hf_to_mcore_layer,
-)
+from danube.conversion.layout import HF_LAYER_KEYS, Geometry, hf_chunk, hf_layer_name
 from danube.data.tokenizer import TOKENIZER_FILES, load_tokenizer
 
 SCHEMA_DEFAULTS = "defaults:\n  - danube_pretrain_schema\n  - _self_\n\n"
@@ -87,52 +83,25 @@ def import_config(cfg: dict, out_dir: Path) -> PretrainConfig:
     return PretrainConfig(name=f"{out_dir.name}", model=model)
 
 
-def _fill_layer(layer_module, tensors: dict) -> None:
-    """Copy megatron-layout tensors into a local-spec TransformerLayer's parameters."""
-    attention, mlp = layer_module.self_attention, layer_module.mlp
-    targets = {
-        "self_attention.linear_qkv.layer_norm_weight": layer_module.input_layernorm.weight,
-        "self_attention.linear_qkv.weight": attention.linear_qkv.weight,
-        "self_attention.linear_proj.weight": attention.linear_proj.weight,
-        "mlp.linear_fc1.layer_norm_weight": layer_module.pre_mlp_layernorm.weight,
-        "mlp.linear_fc1.weight": mlp.linear_fc1.weight,
-        "mlp.linear_fc2.weight": mlp.linear_fc2.weight,
-    }
-    for key, param in targets.items():
-        _copy(param, tensors[key], key)
-
-
-def _copy(param: torch.nn.Parameter, tensor: torch.Tensor, name: str) -> None:
-    if param.shape != tensor.shape:
-        raise ConversionError([f"{name}: shape {tuple(tensor.shape)} does not fit "
-                               f"{tuple(param.shape)}"])
-    with torch.no_grad():
-        param.copy_(tensor)
-
-
-def _build_and_fill(pretrain: PretrainConfig, cfg: dict, weights: HFWeights, precision: str):
-    from danube.model.builder import build_model_chunks, transformer_config
+def _streaming_strategy(cfg: dict, pretrain: PretrainConfig, weights: HFWeights):
+    from danube.conversion.streaming_save import OnDemandTorchDistSave
 
     m = pretrain.model
-    config = transformer_config(m, precision, use_te=False)
-    config.perform_initialization = False  # every weight is overwritten below
-    model = build_model_chunks(m, config, cfg["vocab_size"], use_te=False)[0]
     geometry = Geometry(m.hidden_size, m.num_attention_heads, m.num_query_groups,
                         m.kv_channels or m.hidden_size // m.num_attention_heads)
-    _copy(model.embedding.word_embeddings.weight, weights.get(GLOBALS[
-        "embedding.word_embeddings.weight"]), "embedding")
-    for index in tqdm(range(m.num_layers), desc="layers", unit="layer"):
-        hf = {key: weights.get(hf_layer_name(index, key)) for key in HF_LAYER_KEYS}
-        _fill_layer(model.decoder.layers[index], hf_to_mcore_layer(hf, geometry))
-    _copy(model.decoder.final_layernorm.weight, weights.get("model.norm.weight"), "final norm")
-    if not m.share_embeddings_and_output_weights:
-        _copy(model.output_layer.weight, weights.get("lm_head.weight"), "lm_head")
-    return model
+    progress = tqdm(total=len(weights.names()), desc="tensors", unit="tensor")
+
+    def get(name: str) -> torch.Tensor:
+        progress.update(1)
+        return weights.get(name)
+
+    return OnDemandTorchDistSave(lambda key, offset: hf_chunk(key, offset, get, geometry))
 
 
 def import_hf(hf_dir: Path, out_dir: Path) -> Path:
     """Convert; returns out_dir. Raises ConversionError (nothing written) on bad input."""
     from danube.conversion.mcore_files import single_process_world
+    from danube.model.builder import build_model_chunks, on_meta_device, transformer_config
     from danube.training.checkpoint import save_checkpoint
     from danube.training.checkpoint_dirs import CheckpointMeta
 
@@ -151,11 +120,15 @@ def import_hf(hf_dir: Path, out_dir: Path) -> Path:
         if (hf_dir / name).is_file():
             shutil.copy2(hf_dir / name, tmp / "tokenizer" / name)
     tokenizer = load_tokenizer(tmp / "tokenizer")
+    m = pretrain.model
     with single_process_world():
-        model = _build_and_fill(pretrain, cfg, weights, precision)
+        with on_meta_device():  # shapes only: the weights stream from HF into the writer
+            model = build_model_chunks(m, transformer_config(m, precision, use_te=False),
+                                       cfg["vocab_size"], use_te=False)[0]
         meta = CheckpointMeta(step=0, consumed_samples=0, layout={"tp": 1, "pp": 1, "vp": None,
                                                                   "dp": 1})
-        save_checkpoint(tmp / "checkpoint", [model], meta, to_yaml(pretrain), tokenizer=tokenizer)
+        save_checkpoint(tmp / "checkpoint", [model], meta, to_yaml(pretrain), tokenizer=tokenizer,
+                        sharded_strategy=_streaming_strategy(cfg, pretrain, weights))
     (tmp / "config.yaml").write_text(SCHEMA_DEFAULTS + to_yaml(pretrain))
     if out_dir.exists():
         out_dir.rmdir()  # empty (checked above)

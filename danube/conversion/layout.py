@@ -17,7 +17,7 @@ key head, then its value head (anchors.md; the usual GQA conversion bug is getti
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict
+from typing import Callable, Dict, Tuple
 
 import torch
 
@@ -27,16 +27,17 @@ GLOBALS = {  # megatron -> HF, outside the layers
     "decoder.final_layernorm.weight": "model.norm.weight",
     "output_layer.weight": "lm_head.weight",
 }
-LAYER_NORMS = {  # megatron (within a layer) -> HF (within a layer)
+DIRECT = {  # megatron (within a layer) -> HF (within a layer), same tensor
     "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
     "mlp.linear_fc1.layer_norm_weight": "post_attention_layernorm.weight",
+    "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
+    "mlp.linear_fc2.weight": "mlp.down_proj.weight",
 }
-LAYER_KEYS = (*LAYER_NORMS, "self_attention.linear_qkv.weight",
-              "self_attention.linear_proj.weight", "mlp.linear_fc1.weight",
-              "mlp.linear_fc2.weight")
-HF_LAYER_KEYS = (*LAYER_NORMS.values(), "self_attn.q_proj.weight", "self_attn.k_proj.weight",
-                 "self_attn.v_proj.weight", "self_attn.o_proj.weight", "mlp.gate_proj.weight",
-                 "mlp.up_proj.weight", "mlp.down_proj.weight")
+QKV, FC1 = "self_attention.linear_qkv.weight", "mlp.linear_fc1.weight"
+LAYER_KEYS = (*DIRECT, QKV, FC1)
+HF_QKV = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")
+HF_FC1 = ("mlp.gate_proj.weight", "mlp.up_proj.weight")
+HF_LAYER_KEYS = (*DIRECT.values(), *HF_QKV, *HF_FC1)
 
 
 @dataclass(frozen=True)
@@ -72,28 +73,27 @@ def split_qkv(qkv: torch.Tensor, g: Geometry):
     return q.reshape(-1, h), k.reshape(-1, h), v.reshape(-1, h)
 
 
-def hf_to_mcore_layer(hf: Dict[str, torch.Tensor], g: Geometry) -> Dict[str, torch.Tensor]:
-    """One layer's HF tensors (keys relative to model.layers.N) -> megatron's (relative to
-    decoder.layers.N)."""
-    out = {mc: hf[name] for mc, name in LAYER_NORMS.items()}
-    out["self_attention.linear_qkv.weight"] = interleave_qkv(
-        hf["self_attn.q_proj.weight"], hf["self_attn.k_proj.weight"],
-        hf["self_attn.v_proj.weight"], g)
-    out["self_attention.linear_proj.weight"] = hf["self_attn.o_proj.weight"]
-    out["mlp.linear_fc1.weight"] = torch.cat(
-        [hf["mlp.gate_proj.weight"], hf["mlp.up_proj.weight"]], dim=0)  # [2*ffn, h]
-    out["mlp.linear_fc2.weight"] = hf["mlp.down_proj.weight"]
-    return out
-
-
 def mcore_to_hf_layer(mc: Dict[str, torch.Tensor], g: Geometry) -> Dict[str, torch.Tensor]:
-    """The inverse of `hf_to_mcore_layer`."""
-    out = {name: mc[key] for key, name in LAYER_NORMS.items()}
-    q, k, v = split_qkv(mc["self_attention.linear_qkv.weight"], g)
-    out["self_attn.q_proj.weight"], out["self_attn.k_proj.weight"] = q, k
-    out["self_attn.v_proj.weight"] = v
-    out["self_attn.o_proj.weight"] = mc["self_attention.linear_proj.weight"]
-    gate, up = torch.chunk(mc["mlp.linear_fc1.weight"], 2, dim=0)
-    out["mlp.gate_proj.weight"], out["mlp.up_proj.weight"] = gate, up
-    out["mlp.down_proj.weight"] = mc["mlp.linear_fc2.weight"]
+    """One layer's megatron tensors (keys relative to decoder.layers.N) -> HF's (relative to
+    model.layers.N): the inverse of what `hf_chunk` assembles."""
+    out = {name: mc[key] for key, name in DIRECT.items()}
+    out.update(zip(HF_QKV, split_qkv(mc[QKV], g)))
+    out.update(zip(HF_FC1, torch.chunk(mc[FC1], 2, dim=0)))
     return out
+
+
+def hf_chunk(key: str, offset: Tuple[int, ...], get: Callable[[str], torch.Tensor],
+             g: Geometry) -> torch.Tensor:
+    """One chunk of a megatron checkpoint tensor (`key` as stored, `offset` of the chunk in
+    the global tensor), from the HF tensors `get(name)` returns: what a streaming import writes.
+    Per-layer chunks are [1, ...] slices; SwiGLU's fc1 is stored as its gate and up halves."""
+    if key in GLOBALS:
+        return get(GLOBALS[key])
+    relative, layer = key[len(LAYER_PREFIX) + 1:], offset[0]
+    if relative in DIRECT:
+        return get(hf_layer_name(layer, DIRECT[relative]))
+    if relative == QKV:
+        return interleave_qkv(*(get(hf_layer_name(layer, name)) for name in HF_QKV), g)
+    if relative == FC1:
+        return get(hf_layer_name(layer, HF_FC1[0] if offset[1] == 0 else HF_FC1[1]))
+    raise KeyError(f"no Hugging Face counterpart for checkpoint tensor {key}")

@@ -130,11 +130,12 @@ def _barrier() -> None:
 
 def save_checkpoint(
     path: Path, model: List, meta: CheckpointMeta, config_yaml: str, tokenizer=None,
-    optimizer=None, scheduler=None, distributed_optimizer: bool = False,
+    optimizer=None, scheduler=None, distributed_optimizer: bool = False, sharded_strategy=None,
 ) -> Path:
     """Collective. Writes the checkpoint directory `path` atomically: into a `.tmp-` sibling
     first, renamed into place once complete. Without an optimizer it holds the weights only
-    (a conversion from Hugging Face); the tokenizer files go beside the weights."""
+    (a conversion from Hugging Face, whose `sharded_strategy` produces them on demand); the
+    tokenizer files go beside the weights."""
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
     if torch.distributed.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # a save killed earlier
@@ -147,7 +148,7 @@ def save_checkpoint(
                                                           metadata=metadata)
         state["scheduler"] = scheduler.state_dict()
         state["rng_state"] = _rng_state()
-    dist_checkpointing.save(state, str(tmp))
+    dist_checkpointing.save(state, str(tmp), sharded_strategy=sharded_strategy)
     _barrier()
     if torch.distributed.get_rank() == 0:
         meta.saved_at = time.time()
