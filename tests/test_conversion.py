@@ -200,7 +200,7 @@ def test_an_interrupted_export_leaves_no_output(tmp_path, monkeypatch):
     monkeypatch.setattr(ShardedSafetensorsWriter, "finish", killed)
     with pytest.raises(KeyboardInterrupt):
         exporter.export_hf(tmp_path / "ours" / "checkpoint", tmp_path / "back")
-    assert not (tmp_path / "back").exists()
+    assert not (tmp_path / "back").exists() and not (tmp_path / ".tmp-back").exists()
     monkeypatch.undo()
     exporter.export_hf(tmp_path / "ours" / "checkpoint", tmp_path / "back")  # a rerun works
     assert (tmp_path / "back" / "config.json").is_file()
@@ -237,7 +237,7 @@ def test_imported_config_continues_pretraining(tmp_path):
         "--config-path", str(tmp_path / "ours"), "--config-name", "config",
         f"model.data.data_prefix=[{tmp_path / 'text'}]", "model.encoder_seq_length=32",
         "model.micro_batch_size=2", "model.global_batch_size=4", "trainer.max_steps=2",
-        "model.optim.sched.warmup_steps=1", "trainer.precision=32", *QUIET,
+        "model.optim.sched.warmup_steps=1", *QUIET,  # bf16-mixed on fp32 weights
         f"exp_manager.exp_dir={tmp_path / 'runs'}"])
     assert "initialised weights from" in result.stdout and "step 2/2" in result.stdout
 
@@ -318,3 +318,18 @@ def test_1_8b_layouts_map_every_key_with_the_right_shape(megatron_world):
     assert {k: tuple(v.shape) for k, v in back.items()} == {
         k[len("model.layers.0."):]: tuple(v.shape) for k, v in hf_tensors.items()
         if k.startswith("model.layers.0.")}
+
+
+def test_an_interrupted_import_leaves_no_output(tmp_path):
+    """A damaged last shard (a download cut short) fails the import mid-way: no <out_dir>."""
+    from transformers import MistralForCausalLM
+
+    hf_dir = make_hf(tmp_path / "hf", "mistral")
+    MistralForCausalLM.from_pretrained(hf_dir).save_pretrained(hf_dir, max_shard_size="40KB")
+    (hf_dir / "model.safetensors").unlink(missing_ok=True)
+    shards = sorted(hf_dir.glob("model-*.safetensors"))
+    assert len(shards) > 2
+    shards[-1].write_bytes(shards[-1].read_bytes()[:200])
+    result = convert("hf_to_mcore.py", hf_dir, tmp_path / "ours", check=False)
+    assert result.returncode != 0
+    assert not (tmp_path / "ours").exists() and not (tmp_path / ".tmp-ours").exists()

@@ -1,5 +1,9 @@
 """Hugging Face (Llama / Mistral) <-> danube checkpoints, exact and streaming."""
 
+import contextlib
+import shutil
+from pathlib import Path
+
 
 class ConversionError(ValueError):
     """Every reason a conversion cannot start, one per line (raised before anything is
@@ -9,3 +13,20 @@ class ConversionError(ValueError):
         self.problems = list(problems)
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"cannot convert:\n{lines}")
+
+
+@contextlib.contextmanager
+def staged_output(final: Path):
+    """A fresh `.tmp-<name>` sibling to write into: renamed to `final` (absent or empty) when
+    the block completes, removed if it fails. No half-written `final` ever exists."""
+    tmp = final.with_name(f".tmp-{final.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        final.rmdir()
+    tmp.rename(final)

@@ -9,14 +9,13 @@ and renamed at the end: an interrupted export leaves no <hf_dir>.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from danube.config.compose import load_yaml_config
-from danube.conversion import ConversionError
+from danube.conversion import ConversionError, staged_output
 from danube.conversion.hf_config import export_problems, hf_config_from_model
 from danube.conversion.hf_files import ShardedSafetensorsWriter
 from danube.conversion.hf_tokenizer import token_ids, write_hf_tokenizer
@@ -54,19 +53,14 @@ def export_hf(ckpt: Path, hf_dir: Path, max_shard_bytes: int = 5 * 2**30,
     if problems:
         raise ConversionError(problems)
     tokenizer = load_tokenizer(tokenizer_dir)
-    tmp = hf_dir.with_name(f".tmp-{hf_dir.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    reader = DistCheckpointReader(ckpt)
-    dtype = _stream_weights(reader, model, tokenizer.vocab_size, tmp, max_shard_bytes)
-    config = hf_config_from_model(model, tokenizer.vocab_size, token_ids(tokenizer), dtype)
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    generation = {**token_ids(tokenizer), "do_sample": False}
-    (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
-    write_hf_tokenizer(tokenizer_dir, tmp, tokenizer, model.max_position_embeddings)
-    if hf_dir.exists():
-        hf_dir.rmdir()  # empty (checked above)
-    tmp.rename(hf_dir)
+    with staged_output(hf_dir) as tmp:
+        reader = DistCheckpointReader(ckpt)
+        dtype = _stream_weights(reader, model, tokenizer.vocab_size, tmp, max_shard_bytes)
+        config = hf_config_from_model(model, tokenizer.vocab_size, token_ids(tokenizer), dtype)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        generation = {**token_ids(tokenizer), "do_sample": False}
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
+        write_hf_tokenizer(tokenizer_dir, tmp, tokenizer, model.max_position_embeddings)
     return hf_dir
 
 

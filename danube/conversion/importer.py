@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from danube.config.compose import to_yaml
 from danube.config.schema import ModelConfig, PretrainConfig, TokenizerConfig
-from danube.conversion import ConversionError
+from danube.conversion import ConversionError, staged_output
 from danube.conversion.hf_config import (
     hf_config_problems,
     model_overrides_from_hf,
@@ -113,24 +113,21 @@ def import_hf(hf_dir: Path, out_dir: Path) -> Path:
     # bf16 stays bf16; fp16 widens losslessly to fp32 (we train in bf16 or fp32).
     precision = "bf16" if first.dtype == torch.bfloat16 else "32"
     pretrain = import_config(cfg, out_dir)
-    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "tokenizer").mkdir(parents=True)
-    for name in TOKENIZER_FILES:
-        if (hf_dir / name).is_file():
-            shutil.copy2(hf_dir / name, tmp / "tokenizer" / name)
-    tokenizer = load_tokenizer(tmp / "tokenizer")
     m = pretrain.model
-    with single_process_world():
-        with on_meta_device():  # shapes only: the weights stream from HF into the writer
-            model = build_model_chunks(m, transformer_config(m, precision, use_te=False),
-                                       cfg["vocab_size"], use_te=False)[0]
-        meta = CheckpointMeta(step=0, consumed_samples=0, layout={"tp": 1, "pp": 1, "vp": None,
-                                                                  "dp": 1})
-        save_checkpoint(tmp / "checkpoint", [model], meta, to_yaml(pretrain), tokenizer=tokenizer,
-                        sharded_strategy=_streaming_strategy(cfg, pretrain, weights))
-    (tmp / "config.yaml").write_text(SCHEMA_DEFAULTS + to_yaml(pretrain))
-    if out_dir.exists():
-        out_dir.rmdir()  # empty (checked above)
-    tmp.rename(out_dir)
+    with staged_output(out_dir) as tmp:
+        (tmp / "tokenizer").mkdir()
+        for name in TOKENIZER_FILES:
+            if (hf_dir / name).is_file():
+                shutil.copy2(hf_dir / name, tmp / "tokenizer" / name)
+        tokenizer = load_tokenizer(tmp / "tokenizer")
+        with single_process_world():
+            with on_meta_device():  # shapes only: the weights stream from HF into the writer
+                model = build_model_chunks(m, transformer_config(m, precision, use_te=False),
+                                           cfg["vocab_size"], use_te=False)[0]
+            meta = CheckpointMeta(step=0, consumed_samples=0,
+                                  layout={"tp": 1, "pp": 1, "vp": None, "dp": 1})
+            save_checkpoint(tmp / "checkpoint", [model], meta, to_yaml(pretrain),
+                            tokenizer=tokenizer,
+                            sharded_strategy=_streaming_strategy(cfg, pretrain, weights))
+        (tmp / "config.yaml").write_text(SCHEMA_DEFAULTS + to_yaml(pretrain))
     return out_dir
