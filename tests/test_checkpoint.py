@@ -49,7 +49,7 @@ def test_incomplete_and_temporary_directories_are_never_picked(tmp_path):
 def test_a_killed_save_leaves_the_last_good_checkpoint(tmp_path, megatron_world, monkeypatch):
     good = _complete(tmp_path, 10)
 
-    def killed(state, directory):
+    def killed(state, directory, **kwargs):
         Path(directory, "__0_0.distcp").write_bytes(b"half")
         raise KeyboardInterrupt("killed while writing")
 
@@ -62,7 +62,7 @@ def test_a_killed_save_leaves_the_last_good_checkpoint(tmp_path, megatron_world,
     assert not (tmp_path / "step_00000020").exists()
     assert latest_checkpoint(tmp_path) == good
 
-    def written(state, directory):
+    def written(state, directory, **kwargs):
         Path(directory, "__0_0.distcp").write_bytes(b"whole")
 
     monkeypatch.setattr(ckpt.dist_checkpointing, "save", written)
@@ -81,7 +81,7 @@ def test_saving_a_step_again_replaces_it_whole(tmp_path, megatron_world, monkeyp
     old = _complete(tmp_path, 20)
     (old / "stale.distcp").write_text("old run")
     monkeypatch.setattr(ckpt.dist_checkpointing, "save",
-                        lambda state, d: Path(d, "fresh.distcp").write_text("new"))
+                        lambda state, d, **kwargs: Path(d, "fresh.distcp").write_text("new"))
     ckpt.save_checkpoint(old, [_Stub()], CheckpointMeta(step=20, consumed_samples=1), "",
                          optimizer=_Stub(), scheduler=_Stub())
     assert sorted(p.name for p in old.iterdir()) == [
