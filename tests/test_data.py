@@ -71,7 +71,7 @@ def test_embedded_corpus_is_cached_and_megatron_readable(corpus_dir):
     stamp = os.stat(corpus_dir / "manifest.json").st_mtime_ns
     assert ensure_embedded_corpus(8192) == corpus_dir  # reused, not rebuilt
     assert os.stat(corpus_dir / "manifest.json").st_mtime_ns == stamp
-    info, _ = manifest(corpus_dir)
+    info = manifest(corpus_dir)
     tok = embedded_tokenizer(corpus_dir)
     assert tok.vocab_size == info["vocab_size"] == 8192
     for source in ("prose", "code"):

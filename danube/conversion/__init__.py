@@ -15,6 +15,13 @@ class ConversionError(ValueError):
         super().__init__(f"cannot convert:\n{lines}")
 
 
+def output_problem(final: Path):
+    """Why `final` cannot receive a conversion (we never write into existing results)."""
+    if final.exists() and any(final.iterdir()):
+        return f"{final} exists and is not empty: choose a new output directory"
+    return None
+
+
 @contextlib.contextmanager
 def staged_output(final: Path):
     """A fresh `.tmp-<name>` sibling to write into: renamed to `final` (absent or empty) when

@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from danube.config.compose import load_yaml_config
-from danube.conversion import ConversionError, staged_output
+from danube.conversion import ConversionError, output_problem, staged_output
 from danube.conversion.hf_config import export_problems, hf_config_from_model
 from danube.conversion.hf_files import ShardedSafetensorsWriter
 from danube.conversion.hf_tokenizer import token_ids, write_hf_tokenizer
@@ -37,8 +37,8 @@ def _problems(ckpt: Path, hf_dir: Path, tokenizer_dir: Path):
         problems += export_problems(model)
     if not (tokenizer_dir / "tokenizer.json").is_file():
         problems.append(f"no tokenizer.json in {tokenizer_dir}: pass --tokenizer <directory>")
-    if hf_dir.exists() and any(hf_dir.iterdir()):
-        problems.append(f"{hf_dir} exists and is not empty: choose a new output directory")
+    if output_problem(hf_dir):
+        problems.append(output_problem(hf_dir))
     return model, problems
 
 

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from danube.config.compose import to_yaml
 from danube.config.schema import ModelConfig, PretrainConfig, TokenizerConfig
-from danube.conversion import ConversionError, staged_output
+from danube.conversion import ConversionError, output_problem, staged_output
 from danube.conversion.hf_config import (
     hf_config_problems,
     model_overrides_from_hf,
@@ -68,8 +68,8 @@ def _problems(hf_dir: Path, out_dir: Path):
     if not (hf_dir / "tokenizer.json").is_file():
         problems.append(f"{hf_dir} has no tokenizer.json (a SentencePiece-only tokenizer can be "
                         "converted with transformers' AutoTokenizer(...).save_pretrained)")
-    if out_dir.exists() and any(out_dir.iterdir()):
-        problems.append(f"{out_dir} exists and is not empty: choose a new output directory")
+    if output_problem(out_dir):
+        problems.append(output_problem(out_dir))
     return cfg, weights, problems
 
 

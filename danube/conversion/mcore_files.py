@@ -61,9 +61,6 @@ class DistCheckpointReader:
         self.tensors = self.metadata.state_dict_metadata
         self.num_layers = self.tensors[f"{LAYER_PREFIX}.{LAYER_KEYS[2]}"].size[0]
 
-    def has(self, key: str) -> bool:
-        return key in self.tensors
-
     def _read(self, requests: Dict[str, Tuple[int, ...]]) -> Dict[str, torch.Tensor]:
         """fqn -> offsets of the slice wanted (a whole tensor, or one index of its first axis)."""
         buffers, items = {}, []

@@ -19,7 +19,7 @@ import sys
 import sysconfig
 import tempfile
 from pathlib import Path
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, Iterator, List
 
 import numpy as np
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
@@ -136,6 +136,6 @@ def embedded_prefix(corpus_dir: Path, source: str) -> str:
     return str(corpus_dir / source)
 
 
-def manifest(corpus_dir: Path) -> Tuple[dict, Path]:
-    path = corpus_dir / "manifest.json"
-    return json.loads(path.read_text()), path
+def manifest(corpus_dir: Path) -> dict:
+    """What the build wrote: documents and tokens per source, vocabulary size, Python."""
+    return json.loads((corpus_dir / "manifest.json").read_text())
