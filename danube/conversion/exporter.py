@@ -37,8 +37,8 @@ def _problems(ckpt: Path, hf_dir: Path, tokenizer_dir: Path):
         problems += export_problems(model)
     if not (tokenizer_dir / "tokenizer.json").is_file():
         problems.append(f"no tokenizer.json in {tokenizer_dir}: pass --tokenizer <directory>")
-    if output_problem(hf_dir):
-        problems.append(output_problem(hf_dir))
+    if (problem := output_problem(hf_dir)) is not None:
+        problems.append(problem)
     return model, problems
 
 

@@ -68,8 +68,8 @@ def _problems(hf_dir: Path, out_dir: Path):
     if not (hf_dir / "tokenizer.json").is_file():
         problems.append(f"{hf_dir} has no tokenizer.json (a SentencePiece-only tokenizer can be "
                         "converted with transformers' AutoTokenizer(...).save_pretrained)")
-    if output_problem(out_dir):
-        problems.append(output_problem(out_dir))
+    if (problem := output_problem(out_dir)) is not None:
+        problems.append(problem)
     return cfg, weights, problems
 
 
