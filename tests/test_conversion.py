@@ -295,8 +295,7 @@ def test_1_8b_layouts_map_every_key_with_the_right_shape(megatron_world):
         used.add(name)
         return hf_tensors[name]
 
-    g = Geometry(m.hidden_size, m.num_attention_heads, m.num_query_groups,
-                 m.hidden_size // m.num_attention_heads)
+    g = Geometry.of(m)
     layer0 = {}
     # One item per layer and key: keep one per key (and no extra state).
     by_key = {item.key: item for item in ours.sharded_state_dict().values()

@@ -74,9 +74,7 @@ def _stream_weights(reader, model, vocab: int, out_dir: Path, max_shard_bytes: i
     writer.add(GLOBALS["embedding.word_embeddings.weight"], embedding[:vocab])  # drop padding
     dtype = _DTYPES[embedding.dtype]
     del embedding
-    geometry = Geometry(model.hidden_size, model.num_attention_heads,
-                        model.num_query_groups or model.num_attention_heads,
-                        model.kv_channels or model.hidden_size // model.num_attention_heads)
+    geometry = Geometry.of(model)
     for index in tqdm(range(model.num_layers), desc="layers", unit="layer"):
         for key, tensor in mcore_to_hf_layer(reader.layer(index), geometry).items():
             writer.add(hf_layer_name(index, key), tensor)

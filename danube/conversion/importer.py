@@ -86,9 +86,7 @@ def import_config(cfg: dict, out_dir: Path) -> PretrainConfig:
 def _streaming_strategy(cfg: dict, pretrain: PretrainConfig, weights: HFWeights):
     from danube.conversion.streaming_save import OnDemandTorchDistSave
 
-    m = pretrain.model
-    geometry = Geometry(m.hidden_size, m.num_attention_heads, m.num_query_groups,
-                        m.kv_channels or m.hidden_size // m.num_attention_heads)
+    geometry = Geometry.of(pretrain.model)
     progress = tqdm(total=len(weights.names()), desc="tensors", unit="tensor")
 
     def get(name: str) -> torch.Tensor:

@@ -51,6 +51,13 @@ class Geometry:
     def per_group(self) -> int:
         return self.heads // self.groups
 
+    @classmethod
+    def of(cls, model) -> "Geometry":
+        """The attention geometry of a ModelConfig (defaults: MHA, hidden / heads)."""
+        heads = model.num_attention_heads
+        return cls(model.hidden_size, heads, model.num_query_groups or heads,
+                   model.kv_channels or model.hidden_size // heads)
+
 
 def hf_layer_name(layer: int, key: str) -> str:
     return f"model.layers.{layer}.{key}"
