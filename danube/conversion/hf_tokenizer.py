@@ -30,7 +30,7 @@ def write_hf_tokenizer(source_dir: Path, out_dir: Path, tokenizer: Tokenizer,
                        model_max_length: int) -> None:
     """Copy the tokenizer files, completing tokenizer_config.json where keys are missing."""
     for name in TOKENIZER_FILES:
-        if (source_dir / name).is_file() and name != "generation_config.json":
+        if (source_dir / name).is_file():
             shutil.copy2(source_dir / name, out_dir / name)
     config_path = out_dir / "tokenizer_config.json"
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}

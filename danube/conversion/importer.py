@@ -14,7 +14,6 @@ weights or tokenizer, an existing <out_dir>) is reported before anything is writ
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import List
@@ -32,7 +31,7 @@ from danube.conversion.hf_config import (
 )
 from danube.conversion.hf_files import HFWeights
 from danube.conversion.layout import HF_LAYER_KEYS, Geometry, hf_chunk, hf_layer_name
-from danube.data.tokenizer import TOKENIZER_FILES, load_tokenizer
+from danube.data.tokenizer import load_tokenizer
 
 SCHEMA_DEFAULTS = "defaults:\n  - danube_pretrain_schema\n  - _self_\n\n"
 
@@ -113,11 +112,8 @@ def import_hf(hf_dir: Path, out_dir: Path) -> Path:
     pretrain = import_config(cfg, out_dir)
     m = pretrain.model
     with staged_output(out_dir) as tmp:
-        (tmp / "tokenizer").mkdir()
-        for name in TOKENIZER_FILES:
-            if (hf_dir / name).is_file():
-                shutil.copy2(hf_dir / name, tmp / "tokenizer" / name)
-        tokenizer = load_tokenizer(tmp / "tokenizer")
+        tokenizer = load_tokenizer(hf_dir)
+        tokenizer.save_pretrained(tmp / "tokenizer")  # its files, as they were
         with single_process_world():
             with on_meta_device():  # shapes only: the weights stream from HF into the writer
                 model = build_model_chunks(m, transformer_config(m, precision, use_te=False),

@@ -20,7 +20,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|system|>", "<|prompt|>", "<|answer|>"]
 # Files of a Hugging Face tokenizer directory that travel with it.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "tokenizer.model", "generation_config.json")
+                   "tokenizer.model")
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 
 
@@ -68,7 +68,7 @@ class Tokenizer:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         if self.path is not None:
-            for name in TOKENIZER_FILES[:-1]:
+            for name in TOKENIZER_FILES:
                 if (self.path.parent / name).is_file():
                     shutil.copy2(self.path.parent / name, directory / name)
         if not (directory / "tokenizer.json").is_file():
