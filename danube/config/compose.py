@@ -19,7 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 from danube.config.schema import PretrainConfig
 
 SCHEMA_NAME = "danube_pretrain_schema"
+PREPARE_SCHEMA_NAME = "danube_prepare_schema"
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+DATA_CONFIG_DIR = CONFIG_DIR / "data"
 
 # NeMo's hydra_runner does the same: no outputs/ directory, no chdir, no logging takeover.
 _HYDRA_DEFAULT_OVERRIDES = [
@@ -31,8 +33,12 @@ _HYDRA_DEFAULT_OVERRIDES = [
 
 
 def register_schemas() -> None:
-    """Register the typed schema that every YAML in configs/ lists first in `defaults`."""
+    """Register the typed schemas that every YAML in configs/ (pretraining) and configs/data/
+    (data preparation) lists first in `defaults`."""
+    from danube.prepare.config import PrepareConfig
+
     ConfigStore.instance().store(name=SCHEMA_NAME, node=PretrainConfig)
+    ConfigStore.instance().store(name=PREPARE_SCHEMA_NAME, node=PrepareConfig)
 
 
 def hydra_runner(config_name: str, config_path: Optional[str] = None) -> Callable:
@@ -67,6 +73,28 @@ def to_pretrain_config(cfg: DictConfig) -> PretrainConfig:
             f"must start with '{SCHEMA_NAME}'"
         )
     return obj
+
+
+def to_prepare_config(cfg: DictConfig):
+    """Resolve interpolations and return the typed data-preparation dataclass."""
+    from danube.prepare.config import PrepareConfig
+
+    obj = OmegaConf.to_object(cfg)
+    if not isinstance(obj, PrepareConfig):
+        raise TypeError(f"config composed to {type(obj).__name__}, not PrepareConfig: its "
+                        f"defaults list must start with '{PREPARE_SCHEMA_NAME}'")
+    return obj
+
+
+def compose_prepare_config(config_name: str, overrides: Optional[List[str]] = None,
+                           config_dir: Optional[str] = None):
+    """Compose a configs/data/ config like launchers/prepare_data.py does."""
+    register_schemas()
+    GlobalHydra.instance().clear()
+    with hydra.initialize_config_dir(config_dir=str(config_dir or DATA_CONFIG_DIR),
+                                     version_base=None):
+        cfg = hydra.compose(config_name=config_name, overrides=list(overrides or []))
+    return to_prepare_config(cfg)
 
 
 def compose_pretrain_config(

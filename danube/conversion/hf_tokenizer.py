@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Optional
 
 from danube.data.tokenizer import TOKENIZER_FILES, Tokenizer
 
@@ -27,10 +28,11 @@ def token_ids(tokenizer: Tokenizer) -> dict:
 
 
 def write_hf_tokenizer(source_dir: Path, out_dir: Path, tokenizer: Tokenizer,
-                       model_max_length: int) -> None:
-    """Copy the tokenizer files, completing tokenizer_config.json where keys are missing."""
+                       model_max_length: Optional[int]) -> None:
+    """Copy the tokenizer files (unless out_dir is source_dir), completing
+    tokenizer_config.json where keys are missing; no model_max_length for None."""
     for name in TOKENIZER_FILES:
-        if (source_dir / name).is_file():
+        if (source_dir / name).is_file() and source_dir.resolve() != out_dir.resolve():
             shutil.copy2(source_dir / name, out_dir / name)
     config_path = out_dir / "tokenizer_config.json"
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
@@ -40,7 +42,8 @@ def write_hf_tokenizer(source_dir: Path, out_dir: Path, tokenizer: Tokenizer,
     config.setdefault("bos_token", names.get("bos_token_id"))
     config.setdefault("eos_token", names.get("eos_token_id"))
     config.setdefault("pad_token", names.get("pad_token_id"))
-    config.setdefault("model_max_length", model_max_length)
+    if model_max_length is not None:
+        config.setdefault("model_max_length", model_max_length)
     config.setdefault("clean_up_tokenization_spaces", False)
     config.setdefault("chat_template", DANUBE_CHAT_TEMPLATE)
     config_path.write_text(json.dumps(config, indent=2))

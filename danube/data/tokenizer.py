@@ -1,4 +1,5 @@
-"""Tokenizers: load a HF `tokenizer.json`, or train a byte-level BPE; one wrapper class.
+"""Tokenizers: load a HF `tokenizer.json` or a SentencePiece `.model`, or train a byte-level
+BPE; one wrapper class.
 
 `Tokenizer` exposes what megatron-core's GPTDataset reads (`vocab_size`, `eod`, `pad`) plus
 encode/decode, so the data, training and (later) conversion stages share one object.
@@ -12,8 +13,8 @@ import shutil
 from pathlib import Path
 from typing import Iterable, List, Optional
 
+from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
 # Llama/Danube ids for the first three (anchors.md: bos=1 eos=2 pad=0); the chat markers
 # of the H2O-Danube template are reserved so SFT data never splits them.
@@ -82,10 +83,53 @@ def tokenizer_json_path(path: os.PathLike) -> Path:
 
 
 def load_tokenizer(path: os.PathLike) -> Tokenizer:
+    """A tokenizer.json (or its directory), or a SentencePiece .model (converted)."""
+    if Path(path).suffix == ".model" and Path(path).is_file():
+        return Tokenizer(sentencepiece_to_hf(path), Path(path))
     json_path = tokenizer_json_path(path)
     if not json_path.is_file():
         raise FileNotFoundError(f"no tokenizer.json at {json_path}")
     return Tokenizer(HFTokenizer.from_file(str(json_path)), json_path)
+
+
+def sentencepiece_to_hf(path: os.PathLike) -> HFTokenizer:
+    """A SentencePiece BPE model (Llama 2 / Mistral: identity normalization, dummy prefix, byte
+    fallback) as an equivalent HF tokenizer. BPE merges are recovered from the piece order:
+    SentencePiece merges the pair whose result has the best score, and its scores fall with the
+    piece id, so a merge's rank is its result's id (as transformers' LlamaConverter does)."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(Path(path).read_bytes())
+    norm = proto.normalizer_spec
+    if proto.trainer_spec.model_type != 2 or norm.name not in ("identity", "") \
+            or norm.remove_extra_whitespaces:
+        raise ValueError(
+            f"{path}: only SentencePiece BPE models with identity normalization and no "
+            "whitespace folding convert exactly (as Llama 2 and Mistral's); this one has "
+            f"model_type={proto.trainer_spec.model_type} normalization={norm.name!r} "
+            f"remove_extra_whitespaces={norm.remove_extra_whitespaces}. Convert it to a "
+            "tokenizer.json with its own tools and give that path instead")
+    vocab = {piece.piece: i for i, piece in enumerate(proto.pieces)}
+    merges = []
+    for piece, piece_id in vocab.items():  # [(result id, left id, right id, left, right)]
+        merges += [(piece_id, vocab[piece[:k]], vocab[piece[k:]], piece[:k], piece[k:])
+                   for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
+    merges.sort()
+    unk = proto.pieces[proto.trainer_spec.unk_id].piece
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=[(m[3], m[4]) for m in merges],
+                                unk_token=unk, fuse_unk=True,
+                                byte_fallback=proto.trainer_spec.byte_fallback))
+    steps = [normalizers.Prepend("\u2581")] if norm.add_dummy_prefix else []
+    hf.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "\u2581")])
+    hf.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+        + ([decoders.Strip(" ", 1, 0)] if norm.add_dummy_prefix else []))
+    # unknown (2) and control (3) pieces are special; user-defined (4) are plain added tokens
+    hf.add_special_tokens([AddedToken(p.piece, special=True, normalized=False)
+                           for p in proto.pieces if p.type in (2, 3)])
+    hf.add_tokens([AddedToken(p.piece, normalized=False) for p in proto.pieces if p.type == 4])
+    return hf
 
 
 def train_byte_level_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
