@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.danube-installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench bench-data clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,9 @@ test: setup
 
 bench: setup
 	$(BIN)/python bench/throughput.py
+
+bench-data: setup
+	$(BIN)/python bench/data_prep.py
 
 clean:
 	rm -rf results .pytest_cache
