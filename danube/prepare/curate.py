@@ -33,8 +33,9 @@ class JsonlOut:
     """Gzipped JSONL written under a temporary name and moved into place by `commit`; also
     the exclusion writer datatrove's dedup filters call (`with writer: writer.write(doc)`)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, reason: Optional[str] = None):
         self.path = path
+        self.reason = reason  # recorded with every document when write() names none
         self.tmp = path.with_name(f".tmp-{path.name}")
         self.count = 0
         self._file = None
@@ -44,8 +45,8 @@ class JsonlOut:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = gzip.open(self.tmp, "wb", compresslevel=1)
         record = {"text": doc.text, "id": doc.id}
-        if reason:
-            record["reason"] = reason
+        if reason or self.reason:
+            record["reason"] = reason or self.reason
         self._file.write(orjson.dumps(record) + b"\n")
         self.count += 1
 
@@ -235,11 +236,11 @@ def deduplicated_texts(work: Path, shard: int, exact: bool, minhash: bool,
     writers = []
     if exact:
         writers.append(("exact_dedup", JsonlOut(work / "removed" / "exact_dedup" /
-                                                f"{shard:05d}.jsonl.gz")))
+                                                f"{shard:05d}.jsonl.gz", "exact_dedup")))
         docs = _exact_filtered(work, shard, docs, writers[-1][1])
     if minhash:
         writers.append(("minhash_dedup", JsonlOut(work / "removed" / "minhash_dedup" /
-                                                  f"{shard:05d}.jsonl.gz")))
+                                                  f"{shard:05d}.jsonl.gz", "minhash_dedup")))
         docs = MinhashDedupFilter(_dir(work, "minhash", "remove"),
                                   exclusion_writer=writers[-1][1]).run(docs, rank=shard)
     for doc in docs:

@@ -36,10 +36,8 @@ def _jsonl_stage(files: List[Path]) -> Iterator[Tuple[str, str]]:
 
     for path in files:
         for record in read_jsonl(path):
-            label = record["id"] + (f"  [removed: {record['reason']}]" if "reason" in record
-                                    else f"  [{path.parent.name}]" if path.parent.parent.name
-                                    == "removed" else "")
-            yield record["text"], label
+            reason = record.get("reason")
+            yield record["text"], record["id"] + (f"  [removed: {reason}]" if reason else "")
 
 
 def stage_documents(out: Path, source: str, stage: str,

@@ -71,6 +71,7 @@ class SourcePlan:
         self.token_fp = ""
 
     def set_tokenizer(self, tokenizer_fp: str, append_eod: bool) -> None:
+        self.tokenizer_fp = tokenizer_fp
         self.token_fp = fingerprint([self.curation_fp, tokenizer_fp, append_eod])
         self.tokens = self.work / f"tokens-{self.token_fp}"
 
@@ -241,12 +242,6 @@ def curate_source(plan: SourcePlan, cfg: PrepareConfig, runner: Runner) -> List[
     return stats
 
 
-def source_texts(plan: SourcePlan, cfg: PrepareConfig, shard: int, reader: Reader):
-    if plan.curated:
-        return (d.text for d in curate.curated_documents(plan.work, shard))
-    return (text for text, _ in reader.shard(plan.shards[shard]))
-
-
 def prepare_tokenizer(cfg: PrepareConfig, plans: List[SourcePlan], out: Path):
     """Load (and convert) or train the tokenizer; saved in HF format at <out>/tokenizer."""
     from danube.conversion.hf_tokenizer import write_hf_tokenizer
@@ -267,17 +262,22 @@ def prepare_tokenizer(cfg: PrepareConfig, plans: List[SourcePlan], out: Path):
 
 
 def _training_sample(cfg: PrepareConfig, plans: List[SourcePlan]):
-    """Texts in shard order from each source, up to its weight's share of train_sample_mb."""
+    """Texts in shard order from each source (curated when it is curated), up to its weight's
+    share of train_sample_mb; reading stops once a source's share is taken."""
     total = sum(p.src.weight for p in plans)
     for plan in plans:
         budget = cfg.tokenizer.train_sample_mb * (1 << 20) * plan.src.weight / total
-        reader = Reader(plan.src.text_field, "skip")
-        for shard in range(len(plan.shards)):
-            for text in source_texts(plan, cfg, shard, reader):
-                if budget <= 0:
-                    break
-                budget -= len(text)
-                yield text
+        if plan.curated:
+            texts = (d.text for shard in range(len(plan.shards))
+                     for d in curate.curated_documents(plan.work, shard))
+        else:
+            reader = Reader(plan.src.text_field, "skip")
+            texts = (text for pieces in plan.shards for text, _ in reader.shard(pieces))
+        for text in texts:
+            if budget <= 0:
+                break
+            budget -= len(text)
+            yield text
 
 
 def tokenize_shard(task: dict) -> dict:
@@ -346,7 +346,7 @@ def run_prepare(cfg: PrepareConfig) -> dict:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     manifest = _manifest(out)
-    tokenizer_fp = tokenizer_fingerprint(cfg, plans)
+    tokenizer_fp = plans[0].tokenizer_fp  # the same for every source (plan_prepare)
     if manifest.get("tokenizer") != tokenizer_fp:  # new, or overwrite=true: start over
         manifest = {"tokenizer": None, "sources": {}}
     pending = [p for p in plans if manifest["sources"].get(p.src.name, {}).get(

@@ -19,7 +19,7 @@ import json
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import orjson
 
@@ -28,7 +28,6 @@ from danube.prepare.config import SourceConfig
 COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
 EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet",
               ".txt": "text", ".text": "text", ".md": "text", ".arrow": "arrow"}
-ERROR_KINDS = ("invalid_json", "missing_text", "invalid_utf8", "empty_file")
 _SCAN = 16 << 20  # bytes read at a time when cutting a large file at newlines
 _COMPRESSED_RATIO = 4  # text shrinks ~3-5x in gzip/zstd: a compressed file counts 4x its size
 
@@ -302,9 +301,3 @@ class Reader:
             if self._columns(path, reader.schema.names):
                 yield from self._rows(path, batches)
 
-
-def count_errors(readers: List[Reader]) -> Dict[str, int]:
-    total: Counter = Counter()
-    for reader in readers:
-        total.update(reader.errors)
-    return dict(total)
