@@ -8,6 +8,7 @@ pretrain_data.yaml, which `launchers/pretrain.py --config-dir <output_dir> --con
 pretrain_data` trains on.
 """
 
+import gc
 import sys
 
 from danube.config import ConfigError
@@ -25,6 +26,9 @@ def main(cfg) -> None:
     except (ConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    # Everything is written. Spare the interpreter's shutdown collection of torch's object
+    # graph (imported for IndexedDatasetBuilder): ~1.3 s of a 2-core run.
+    gc.freeze()
 
 
 if __name__ == "__main__":

@@ -257,6 +257,57 @@ def test_large_jsonl_is_cut_at_lines_with_right_line_numbers(tmp_path):
     assert [ref for _, ref in read] == [f"{path}:{i + 1}" for i in range(1000)]
 
 
+def test_shards_are_packed_to_their_text_size_and_costliest_run_first(tmp_path):
+    """Shards hold up to shard_size_mb of text (a compressed file by the size its header
+    records), never more unless one piece is bigger; the Runner starts the costliest first."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    from danube.prepare.pipeline import Runner
+    from danube.prepare.sources import _parquet_pieces, _text_size
+
+    mb = 1 << 20
+    lines = [json.dumps({"text": "x" * 1000})] * 600  # ~0.6 MB
+    plain = [write_jsonl(tmp_path / f"p{i}.jsonl", [json.loads(x) for x in lines])
+             for i in range(3)]
+    files = [(str(p), "jsonl") for p in plain]
+    assert [len(s) for s in plan_shards(files, 1.0)] == [1, 1, 1]  # 0.6 + 0.6 > 1
+    assert [len(s) for s in plan_shards(files, 1.3)] == [2, 1]
+    gz = write_jsonl(tmp_path / "g.jsonl.gz", [json.loads(x) for x in lines], compress=True)
+    assert _text_size(str(gz), gz.stat().st_size) == plain[0].stat().st_size
+    data = plain[0].read_bytes()
+    (tmp_path / "sized.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(data))
+    with zstandard.ZstdCompressor().stream_writer(open(tmp_path / "unsized.jsonl.zst", "wb")) \
+            as writer:
+        writer.write(data)
+    for name, expected in [("sized", len(data)), ("unsized", None)]:
+        path = tmp_path / f"{name}.jsonl.zst"
+        size = path.stat().st_size
+        assert _text_size(str(path), size) == (expected or 4 * size)
+    rng = random.Random(0)
+    table = pa.table({"text": ["".join(rng.choices(WORDS, k=150)) for _ in range(2000)]})
+    pq.write_table(table, tmp_path / "t.parquet", row_group_size=200)  # ~0.2 MB groups
+    pieces = _parquet_pieces(str(tmp_path / "t.parquet"), int(0.5 * mb))
+    assert [p["groups"] for p in pieces] == [[0, 3], [3, 6], [6, 9], [9, 10]]
+    assert max(p["size"] for p in pieces) <= 0.5 * mb
+
+    runner = Runner(2)
+    try:
+        runner.stage("t", _stamp, [{"dir": str(tmp_path), "i": i} for i in range(3)],
+                     [tmp_path / f"done-{i}.json" for i in range(3)], costs=[1, 5, 3])
+    finally:
+        runner.close()
+    started = {i: float((tmp_path / f"started-{i}").read_text()) for i in range(3)}
+    assert started[0] > max(started[1], started[2])  # the cheapest waits for a free worker
+
+
+def _stamp(task: dict) -> dict:
+    Path(task["dir"], f"started-{task['i']}").write_text(repr(time.time()))
+    time.sleep(0.5)
+    return {}
+
+
 def test_trained_tokenizer_has_specials_digits_and_byte_fallback(tmp_path):
     from danube.data.tokenizer import load_tokenizer
 

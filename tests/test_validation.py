@@ -183,6 +183,30 @@ def test_damaged_indexed_datasets_are_named(tmp_path):
     assert "no sequences" in indexed_dataset_problem(str(tmp_path / "empty"))
 
 
+def test_a_prefix_too_small_for_its_splits_is_refused(tmp_path):
+    """980,10,10 over 20 documents rounds the validation and test splits to no document, and
+    megatron-core's GPTDataset then loops forever counting epochs: refused before the build."""
+    from danube.data.indexed import empty_splits
+
+    small, enough = str(tmp_path / "small"), str(tmp_path / "enough")
+    _indexed(small, [[5, 6, 7, 2]] * 20)
+    _indexed(enough, [[5, 6, 7, 2]] * 100)
+
+    def problems(prefix, splits="980,10,10"):
+        cfg = compose_pretrain_config("danube_tiny", [
+            "model.tokenizer.library=huggingface", f"model.tokenizer.model={tmp_path}",
+            f"model.data.data_prefix=[{prefix}]", f"model.data.splits_string='{splits}'"])
+        return [p for p in preflight(cfg, CPU) if "document(s)" in p]
+
+    assert empty_splits(20, "980,10,10") == ["validation", "test"]
+    [problem] = problems(small)
+    assert f"{small} holds 20 document(s)" in problem
+    assert "validation and test split(s)" in problem and "at least 100" in problem
+    assert problems(enough) == []
+    assert problems(small, "1,0,0") == []  # splits without a share are not built
+    assert empty_splits(251, "998,2,0") == [] and empty_splits(250, "998,2,0") == ["validation"]
+
+
 def test_a_split_the_run_reads_must_get_data():
     cfg = compose_pretrain_config("danube_tiny", ["model.data.splits_string='990,10,0'"])
     assert any("gives the test split nothing but trainer.limit_test_batches=4" in p

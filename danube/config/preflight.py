@@ -16,7 +16,12 @@ import torch
 from danube.config.compose import load_yaml_config
 from danube.config.schema import PretrainConfig
 from danube.config.validate import EMBEDDED_PREFIX, blend_paths, world_size
-from danube.data.indexed import indexed_dataset_problem
+from danube.data.indexed import (
+    documents_for_splits,
+    empty_splits,
+    indexed_dataset_problem,
+    sequence_count,
+)
 from danube.runtime import launch_info, transformer_engine_available
 from danube.training.checkpoint_dirs import (
     CONFIG_FILE,
@@ -92,12 +97,27 @@ def _check_files(cfg: PretrainConfig, problems: List[str]) -> None:
                             "<prefix>.bin and <prefix>.idx")
         elif (problem := indexed_dataset_problem(prefix)) is not None:
             problems.append(f"model.data.data_prefix: {problem}")
+        elif not isinstance(m.data.data_prefix, dict):
+            _check_split_sizes(prefix, m.data.splits_string, problems)
     if m.tokenizer.library == "huggingface" and m.tokenizer.model:
         path = Path(m.tokenizer.model)
         json_path = path / "tokenizer.json" if path.is_dir() else path
         if not json_path.is_file():
             problems.append(f"model.tokenizer.model={m.tokenizer.model}: no tokenizer.json there; "
                             "give the file or the directory that holds it")
+
+
+def _check_split_sizes(prefix: str, splits_string: str, problems: List[str]) -> None:
+    """Each prefix is split by documents: every split with a share must get one."""
+    sequences = sequence_count(prefix)
+    empty = empty_splits(sequences, splits_string)
+    if empty:
+        problems.append(
+            f"model.data.data_prefix: {prefix} holds {sequences} document(s), and "
+            f"model.data.splits_string={splits_string!r} leaves the {' and '.join(empty)} "
+            f"split(s) none of them (megatron-core would hang building them): prepare more "
+            f"documents (at least {documents_for_splits(splits_string)}), or change "
+            "splits_string")
 
 
 def _check_checkpoints(cfg: PretrainConfig, problems: List[str]) -> None:

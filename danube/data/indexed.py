@@ -9,9 +9,11 @@ int64 byte pointers into the .bin, int64 document indices.
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 import struct
-from typing import Optional
+from typing import List, Optional
 
 _MAGIC = b"MMIDIDX\x00\x00"
 _ITEM_SIZE = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 8, 7: 4, 8: 2}  # megatron DType code -> bytes
@@ -46,3 +48,37 @@ def indexed_dataset_problem(prefix: str) -> Optional[str]:
         return (f"{binary} has {actual_bin} bytes but its index describes {expected_bin}: "
                 "truncated or from another build; rebuild the dataset")
     return None
+
+
+def sequence_count(prefix: str) -> int:
+    """Sequences (documents, as danube and preprocess_data.py write them) in <prefix>.idx."""
+    with open(prefix + ".idx", "rb") as f:
+        head = f.read(_HEADER)
+    return struct.unpack("<QBQQ", head[len(_MAGIC):])[2]
+
+
+@functools.lru_cache(maxsize=8)
+def _split_matrix(splits_string: str) -> tuple:
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
+
+    return tuple(convert_split_vector_to_split_matrix(parse_and_normalize_split(splits_string)))
+
+
+def empty_splits(sequences: int, splits_string: str) -> List[str]:
+    """The splits that `splits_string` gives a share but, rounded as megatron-core's dataset
+    builder rounds, no sequence of a dataset this size (megatron-core loops forever building
+    a GPTDataset split without tokens)."""
+    return [name for name, bookends in zip(("train", "validation", "test"),
+                                           _split_matrix(splits_string))
+            if bookends is not None
+            and int(round(bookends[1] * sequences)) == int(round(bookends[0] * sequences))]
+
+
+def documents_for_splits(splits_string: str) -> int:
+    """A dataset size from which on no split with a share is empty: 1 / the smallest share
+    (a split of share s gets round(b n) - round(a n) >= 1 sequences once s n >= 1)."""
+    shares = [b - a for a, b in filter(None, _split_matrix(splits_string))]
+    return math.ceil(1 / min(shares) - 1e-9)

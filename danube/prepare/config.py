@@ -154,8 +154,9 @@ class TokenizationConfig:
     append_eod: bool = True
     """Append the end-of-document token to every document (Megatron's --append-eod)."""
     shard_size_mb: float = 16.0
-    """Input MB per shard (a compressed file counts 4x its size; one is never split): the
-    unit of parallel work and of resume. Small enough that the shards balance over workers."""
+    """Text MB per shard (a compressed file counts the size its gzip/zstd header records, or
+    4x its own; it is never split): the unit of parallel work and of resume. Small enough
+    that the shards balance over the workers (the largest start first)."""
     batch_size: int = 256
     """Documents per tokenizer call."""
 

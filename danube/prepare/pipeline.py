@@ -16,6 +16,7 @@ different fingerprint is never replaced unless `overwrite=true`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -27,7 +28,7 @@ from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import asdict
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 from omegaconf import OmegaConf
 
@@ -65,9 +66,10 @@ class SourcePlan:
             "inputs": file_identity(files), "text_field": src.text_field, "format": src.format,
             "filters": src.filters, "params": used, "language": cfg.filters.language,
             "dedup": src.dedup, "minhash": asdict(cfg.dedup.minhash) if "minhash" in src.dedup
-            else None, "on_error": cfg.on_error, "shard_size_mb": cfg.tokenization.shard_size_mb})
+            else None, "on_error": cfg.on_error, "shards": shards})
         self.work = Path(cfg.output_dir) / "work" / src.name / self.curation_fp
         self.curated = bool(src.filters or src.dedup)
+        self.costs = [sum(piece["size"] for piece in shard) for shard in shards]  # text bytes
         self.token_fp = ""
 
     def set_tokenizer(self, tokenizer_fp: str, append_eod: bool) -> None:
@@ -150,8 +152,12 @@ def _worker_init() -> None:
 
 
 def _import_engine() -> None:
-    # torch + megatron-core take ~4 s of CPU to import; the main process needs them only to
-    # build the prefixes at the end, so it imports them while the workers tokenize.
+    # torch + megatron-core take ~5 s of CPU to import; the main process needs them only to
+    # build the prefixes at the end, so it imports them while the workers tokenize, at the
+    # lowest priority: it takes the CPU that the workers leave idle (while they start, and
+    # around the last shards). Only this thread is reniced (Linux: nice is per thread).
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
     import megatron.core.datasets.indexed_dataset  # noqa: F401
 
 
@@ -172,7 +178,9 @@ class Runner:
             threading.Thread(target=_import_engine, daemon=True).start()
 
     def stage(self, label: str, fn: Callable[[dict], dict], tasks: List[dict],
-              markers: List[Path]) -> List[dict]:
+              markers: List[Path], costs: Optional[List[float]] = None) -> List[dict]:
+        """Results in task order; with `costs`, the costliest tasks are started first (so that
+        the last ones to finish are small and no worker idles long at the end)."""
         results: Dict[int, dict] = {}
         todo = []
         for i, marker in enumerate(markers):
@@ -191,6 +199,8 @@ class Runner:
             for i in todo:
                 finish(i, fn(tasks[i]))
         else:
+            if costs is not None:
+                todo.sort(key=lambda i: -costs[i])
             futures = {self.pool.submit(fn, tasks[i]): i for i in todo}
             pending = set(futures)
             while pending:
@@ -226,13 +236,14 @@ def curate_source(plan: SourcePlan, cfg: PrepareConfig, runner: Runner) -> List[
     stats = runner.stage(f"{src.name} filter", curate.filter_shard, [
         {**base, "shard": i, "pieces": pieces, "text_field": src.text_field,
          "on_error": cfg.on_error, "filters": list(src.filters), "filters_cfg": cfg.filters}
-        for i, pieces in enumerate(plan.shards)], [done / f"filter-{i:05d}.json" for i in range(n)])
+        for i, pieces in enumerate(plan.shards)], [done / f"filter-{i:05d}.json" for i in range(n)],
+        plan.costs)
     if exact:
         _once(done / "exact-find.json", lambda: curate.exact_find(work))
     if minhash:
         runner.stage(f"{src.name} minhash signatures", curate.minhash_signatures,
                      [{**base, "shard": i} for i in range(n)],
-                     [done / f"minhash-sig-{i:05d}.json" for i in range(n)])
+                     [done / f"minhash-sig-{i:05d}.json" for i in range(n)], plan.costs)
         buckets = cfg.dedup.minhash.num_buckets
         runner.stage(f"{src.name} minhash buckets", curate.minhash_bucket,
                      [{**base, "bucket": b} for b in range(buckets)],
@@ -369,7 +380,9 @@ def run_prepare(cfg: PrepareConfig) -> dict:
         # every source's shards in one stage, so that no worker idles between sources
         tasks = [tokenize_tasks(plan, cfg, tokenizer_path) for plan in pending]
         markers = [Path(t["prefix"] + ".done.json") for group in tasks for t in group]
-        results = runner.stage("tokenize", tokenize_shard, [t for g in tasks for t in g], markers)
+        costs = [cost for plan in pending for cost in plan.costs]
+        results = runner.stage("tokenize", tokenize_shard, [t for g in tasks for t in g], markers,
+                               costs)
         for plan in pending:
             stats, results = results[:len(plan.shards)], results[len(plan.shards):]
             build_source_prefix(plan, stats, out, vocab_size)

@@ -29,7 +29,7 @@ COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
 EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet",
               ".txt": "text", ".text": "text", ".md": "text", ".arrow": "arrow"}
 _SCAN = 16 << 20  # bytes read at a time when cutting a large file at newlines
-_COMPRESSED_RATIO = 4  # text shrinks ~3-5x in gzip/zstd: a compressed file counts 4x its size
+_COMPRESSED_RATIO = 4  # text shrinks ~3-5x: a compressed file of unknown size counts 4x
 
 
 class DataError(ValueError):
@@ -81,6 +81,27 @@ def list_files(src: SourceConfig) -> Tuple[List[Tuple[str, str]], List[str]]:
     return files, problems
 
 
+def _text_size(path: str, size: int) -> int:
+    """Bytes of text in a file: its size, or for a compressed file the uncompressed size its
+    trailer (gzip ISIZE) or frame header (zstd) records when that is plausible, else 4x its
+    size. Only shard packing and scheduling use it."""
+    compression = _compression(path)
+    if compression is None or size < 18:
+        return size
+    with open(path, "rb") as f:
+        if compression == "gzip":  # the last member's size mod 2**32: trusted below 1 GB
+            f.seek(size - 4)
+            recorded = int.from_bytes(f.read(4), "little") if size < 1 << 30 else -1
+        else:
+            import zstandard
+
+            try:  # the first frame's size, -1 when not recorded
+                recorded = zstandard.frame_content_size(f.read(18))
+            except zstandard.ZstdError:
+                recorded = -1
+    return recorded if recorded >= size else size * _COMPRESSED_RATIO
+
+
 def _cut_points(path: str, size: int, piece_bytes: int) -> List[Tuple[int, int]]:
     """[(byte offset, line number)] where pieces of about `piece_bytes` start (newline-aligned),
     from one sequential pass over the file."""
@@ -112,7 +133,8 @@ def _parquet_pieces(path: str, piece_bytes: int) -> List[dict]:
     row = 0
     for g in range(meta.num_row_groups):
         group = meta.row_group(g)
-        if not pieces or pieces[-1]["size"] >= piece_bytes:
+        if not pieces or (pieces[-1]["size"]
+                          and pieces[-1]["size"] + group.total_byte_size > piece_bytes):
             pieces.append({"path": path, "kind": "parquet", "groups": [g, g], "line": row + 1,
                            "size": 0, "start": 0, "end": 0})
         pieces[-1]["groups"][1] = g + 1
@@ -136,13 +158,12 @@ def plan_shards(files: List[Tuple[str, str]], shard_size_mb: float) -> List[List
         elif kind == "parquet" and size:
             pieces += _parquet_pieces(path, shard_bytes)
         else:
-            weight = size * (_COMPRESSED_RATIO if _compression(path) else 1)
             pieces.append({"path": path, "kind": kind, "start": 0, "end": size, "line": 1,
-                           "size": weight})
+                           "size": _text_size(path, size)})
     shards: List[List[dict]] = []
-    filled = shard_bytes
-    for piece in pieces:
-        if filled >= shard_bytes:
+    filled = 0
+    for piece in pieces:  # a new shard when this piece would overfill a non-empty one
+        if not shards or (shards[-1] and filled + piece["size"] > shard_bytes):
             shards.append([])
             filled = 0
         shards[-1].append(piece)

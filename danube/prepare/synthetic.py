@@ -14,10 +14,10 @@ import random
 from pathlib import Path
 from typing import List
 
-from danube.data.embedded import read_documents, stdlib_files
-
 
 def _pools() -> tuple:
+    from danube.data.embedded import read_documents, stdlib_files  # imports megatron-core
+
     docs = read_documents(stdlib_files())
     paragraphs = [p.strip() for d in docs["prose"] for p in d.split("\n\n")
                   if len(p.split()) >= 8]
