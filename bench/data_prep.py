@@ -32,8 +32,10 @@ from danube.data.tokenizer import load_tokenizer, train_byte_level_bpe  # noqa: 
 from danube.prepare.synthetic import write_corpus  # noqa: E402
 
 
-def tree_rss_peak(proc: subprocess.Popen, out: dict) -> None:
-    """Poll the summed RSS of a process and its children until it exits."""
+def tree_memory_peak(proc: subprocess.Popen, out: dict) -> None:
+    """Poll the summed PSS and RSS of a process and its children until it exits. Reading PSS
+    (smaps) costs ~8 ms of CPU per torch-sized process, a tenth of 2 cores at this rate: runs
+    that are timed are not polled."""
     root = psutil.Process(proc.pid)
     while proc.poll() is None:
         try:
@@ -46,21 +48,31 @@ def tree_rss_peak(proc: subprocess.Popen, out: dict) -> None:
         time.sleep(0.05)
 
 
-def run_prepare(config_dir: Path, name: str) -> dict:
+def run_prepare(config_dir: Path, name: str, out: Path, memory: bool = False) -> dict:
+    """The launcher as a user runs it, from a fresh output directory: its seconds, or with
+    `memory` its peak memory (MiB) instead."""
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    return rerun_prepare(config_dir, name, memory)
+
+
+def rerun_prepare(config_dir: Path, name: str, memory: bool = False) -> dict:
     cmd = [sys.executable, str(ROOT / "launchers" / "prepare_data.py"), "--config-dir",
            str(config_dir), "--config-name", name]
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    memory: dict = {}
-    poller = threading.Thread(target=tree_rss_peak, args=(proc, memory))
-    poller.start()
+    peak: dict = {}
+    poller = threading.Thread(target=tree_memory_peak, args=(proc, peak)) if memory else None
+    if poller:
+        poller.start()
     stdout, stderr = proc.communicate()
-    poller.join()
     seconds = time.perf_counter() - started
+    if poller:
+        poller.join()
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{stdout[-3000:]}\n{stderr[-3000:]}")
-    return {"seconds": seconds, "pss": memory.get("pss", 0) / 2**20,
-            "rss": memory.get("rss", 0) / 2**20}
+    if memory:
+        return {"pss": peak.get("pss", 0) / 2**20, "rss": peak.get("rss", 0) / 2**20}
+    return {"seconds": seconds}
 
 
 def write_config(config_dir: Path, name: str, body: str) -> None:
@@ -101,7 +113,7 @@ def _encode_part(raw: Path, tok_dir: Path, part: int, parts: int, barrier, resul
 
 def encode_all(raw: Path, tok_dir: Path, processes: int) -> dict:
     """The encoder alone on the whole corpus in memory: one process per core, one tokenizer
-    thread each (one process with N rayon threads is slower: they share the BPE cache)."""
+    thread each, as the pipeline's workers run it."""
     ctx = multiprocessing.get_context("spawn")
     barrier, results = ctx.Barrier(processes), ctx.Queue()
     os.environ["RAYON_NUM_THREADS"] = "1"  # inherited by the spawned processes
@@ -156,22 +168,22 @@ def main() -> None:
     encoder, tokenize = [], []
     for turn in range(args.repeat):  # in turns: machine drift hits both alike
         encoder.append(encode_all(raw, tok_dir, cores))
-        subprocess.run(["rm", "-rf", str(out)], check=True)
-        tokenize.append(run_prepare(configs, "tokenize"))
+        tokenize.append(run_prepare(configs, "tokenize", out))
         print(f"turn {turn + 1}: encoder {encoder[-1]['tokens'] / encoder[-1]['seconds'] / 1e6:.2f}"
               f"M tokens/s, end to end {tokenize[-1]['seconds']:.1f} s", flush=True)
+    tokenize_memory = run_prepare(configs, "tokenize", out, memory=True)
     tokenize_report = json.loads((out / "report.json").read_text())["sources"]
-    rerun = run_prepare(configs, "tokenize")
+    rerun = {**rerun_prepare(configs, "tokenize"), **rerun_prepare(configs, "tokenize", True)}
 
     out_full = work / "out-curate"
-    subprocess.run(["rm", "-rf", str(out_full)], check=True)
     write_config(configs, "curate", f"output_dir: {out_full}\n" + (
         f"sources:\n  - {{name: web, paths: [{small}/web], weight: 0.7, filters: "
         "[gopher_quality, gopher_repetition], dedup: [exact, minhash]}\n"
         f"  - {{name: code, paths: [{small}/code], text_field: content, weight: 0.3, "
         "dedup: [exact]}\n") + f"tokenizer: {{path: {tok_dir}}}\n"
         "tokenization: {shard_size_mb: 8}\n")
-    curate = run_prepare(configs, "curate")
+    curate = {**run_prepare(configs, "curate", out_full),
+              **run_prepare(configs, "curate", out_full, memory=True)}
     curate_report = json.loads((out_full / "report.json").read_text())["sources"]
 
     tok_docs = sum(r["documents_in"] for r in tokenize_report.values())
@@ -181,7 +193,8 @@ def main() -> None:
     enc_rate = [e["tokens"] / e["seconds"] / 1e6 for e in encoder]
     e2e_rate = [tok_tokens / t["seconds"] / 1e6 for t in tokenize]
     print(f"\n{cores} cores, vocab {tokenizer.vocab_size}, {args.corpus_mb:,.0f} MB "
-          f"corpus, {tok_tokens / 1e6:.1f}M tokens; {args.repeat} turn(s): median [min-max]")
+          f"corpus, {tok_tokens / 1e6:.1f}M tokens; {args.repeat} turn(s): median [min-max]; "
+          "peak memory from one more run, polled (timed runs are not)")
     print("| stage | docs/s | M tokens/s | of encoder | seconds | peak MiB: PSS (RSS) |")
     print("|---|---|---|---|---|---|")
     print(f"| encoder alone (in memory, {cores} processes) | "
@@ -191,8 +204,7 @@ def main() -> None:
           f"{spread([tok_docs / t['seconds'] for t in tokenize], '{:,.0f}')} | "
           f"{spread(e2e_rate)} | {spread([a / b for a, b in zip(e2e_rate, enc_rate)])} | "
           f"{spread([t['seconds'] for t in tokenize], '{:.1f}')} | "
-          f"{spread([t['pss'] for t in tokenize], '{:,.0f}')} "
-          f"({spread([t['rss'] for t in tokenize], '{:,.0f}')}) |")
+          f"{tokenize_memory['pss']:,.0f} ({tokenize_memory['rss']:,.0f}) |")
     print(f"| re-run (no-op) | | | | {rerun['seconds']:.1f} | {rerun['pss']:,.0f} "
           f"({rerun['rss']:,.0f}) |")
     print(f"| curate (Gopher, exact+MinHash) + tokenize, {args.curation_mb:,.0f} MB | "
