@@ -37,6 +37,16 @@ def prose(seed: int, words: int = 120) -> str:
     return " ".join(sentences)
 
 
+GERMAN = ("der die das und ist nicht mit auf für ein eine zu von den dem sich auch wir sie "
+          "haben werden Haus Wasser Stadt Garten Brücke Fenster Straße Wald Himmel").split()
+
+
+def german(seed: int, words: int = 100) -> str:
+    """German-like text: what the language-ID fixture model (tests/fixtures) labels de."""
+    rng = random.Random(seed)
+    return " ".join(rng.choice(GERMAN) for _ in range(words)).capitalize() + "."
+
+
 def write_jsonl(path: Path, records, compress: bool = False) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     data = "".join(json.dumps(r) + "\n" for r in records).encode()
@@ -344,9 +354,29 @@ def test_sentencepiece_model_converts_to_the_same_ids(tmp_path):
     assert (tokenizer.bos, tokenizer.eod) == (1, 2)
 
 
+def test_language_id_with_a_model_file_keeps_the_configured_languages(tmp_path):
+    """tests/fixtures/lid_en_de.bin (make_lid_model.py) knows en and de; keeping en removes
+    exactly the German documents, and the report and `inspect` say so."""
+    english = [prose(1000 + i) for i in range(6)]
+    deutsch = [german(1000 + i) for i in range(4)]
+    mixed = [english[0], deutsch[0], english[1], english[2], deutsch[1], english[3],
+             deutsch[2], english[4], deutsch[3], english[5]]
+    write_jsonl(tmp_path / "raw" / "a.jsonl", [{"text": t} for t in mixed])
+    cfg = config(tmp_path / "out", [dict(name="web", paths=[str(tmp_path / "raw")],
+                                         filters=["language_id"])])
+    cfg.filters.language_id.model_path = str(ROOT / "tests" / "fixtures" / "lid_en_de.bin")
+    report = run_prepare(cfg)["sources"]["web"]
+    assert report["documents_in"] == 10 and report["documents_out"] == 6
+    assert report["removed"] == {"language_id": 4}, report
+    from danube.prepare.inspect import stage_documents
+
+    kept = [text for text, _ in stage_documents(tmp_path / "out", "web", "curated")]
+    removed = list(stage_documents(tmp_path / "out", "web", "removed", "language_id"))
+    assert kept == english and [text for text, _ in removed] == deutsch
+    assert all("[removed: language_id]" in label for _, label in removed), removed
+
+
 def test_language_id_without_a_model_file_is_refused_before_any_work(tmp_path):
-    # Filtering with a real model is not tested: fastText training in this wheel diverges
-    # (NaN) on corpora small enough for a test, and no model file can be downloaded here.
     write_jsonl(tmp_path / "raw" / "a.jsonl", [{"text": prose(i)} for i in range(3)])
     src = [dict(name="web", paths=[str(tmp_path / "raw")], filters=["language_id"])]
     cfg = config(tmp_path / "out", src)
