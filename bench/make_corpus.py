@@ -19,8 +19,11 @@ def main() -> None:
     parser.add_argument("--web-mb", type=float, default=20.0)
     parser.add_argument("--code-mb", type=float, default=8.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--file-mb", type=float, default=8.0,
+                        help="text per file: a compressed file is one shard, so several files "
+                             "let curation use every core")
     args = parser.parse_args()
-    counts = write_corpus(Path(args.out), args.web_mb, args.code_mb, args.seed)
+    counts = write_corpus(Path(args.out), args.web_mb, args.code_mb, args.seed, args.file_mb)
     print(f"wrote {counts['web_documents']:,} web and {counts['code_documents']:,} code "
           f"documents under {args.out}")
 
