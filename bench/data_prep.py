@@ -12,7 +12,6 @@ two are run in turns, `--repeat` times each, and the table gives the median and 
 """
 
 import argparse
-import gzip
 import json
 import multiprocessing
 import os
@@ -29,6 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from danube.data.tokenizer import load_tokenizer, train_byte_level_bpe  # noqa: E402
+from danube.prepare.config import SourceConfig  # noqa: E402
+from danube.prepare.sources import Reader, list_files, plan_shards  # noqa: E402
 from danube.prepare.synthetic import write_corpus  # noqa: E402
 
 
@@ -82,20 +83,21 @@ def write_config(config_dir: Path, name: str, body: str) -> None:
 
 
 def corpus_texts(raw: Path, mb: float = float("inf")) -> list:
-    """Web and code text, in the corpus' proportions (all of it unless `mb` is given)."""
-    import pyarrow.parquet as pq
-
-    web, code = [], []
-    for path in sorted((raw / "web").glob("*.jsonl.gz")):
-        with gzip.open(path, "rt") as f:
-            web += [json.loads(line)["text"] for line in f]
-        if sum(map(len, web)) > 0.7 * mb * 2**20:
-            break
-    for path in sorted((raw / "code").glob("*.parquet")):
-        code += pq.read_table(path).column("content").to_pylist()
-        if sum(map(len, code)) > 0.3 * mb * 2**20:
-            break
-    return web + code
+    """Web and code text, in the corpus' proportions (all of it unless `mb` is given): read
+    file by file with the pipeline's own reader, so the encoder sees what the workers see."""
+    texts = []
+    for source, field, share in (("web", "text", 0.7), ("code", "content", 0.3)):
+        files, _ = list_files(SourceConfig(name=source, paths=[str(raw / source)],
+                                           text_field=field))
+        reader, size = Reader(field, "raise"), 0
+        for file in files:
+            for pieces in plan_shards([file], 1 << 20):  # the whole file
+                for text, _ in reader.shard(pieces):
+                    texts.append(text)
+                    size += len(text)
+            if size > share * mb * 2**20:
+                break
+    return texts
 
 
 def _encode_part(raw: Path, tok_dir: Path, part: int, parts: int, barrier, results) -> None:

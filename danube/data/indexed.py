@@ -13,11 +13,16 @@ import functools
 import math
 import os
 import struct
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 _MAGIC = b"MMIDIDX\x00\x00"
 _ITEM_SIZE = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 8, 7: 4, 8: 2}  # megatron DType code -> bytes
 _HEADER = len(_MAGIC) + 8 + 1 + 8 + 8
+
+
+def _header_fields(head: bytes) -> Tuple[int, int, int, int]:
+    """version, dtype code, sequence count, document count of an .idx header."""
+    return struct.unpack("<QBQQ", head[len(_MAGIC):])
 
 
 def indexed_dataset_problem(prefix: str) -> Optional[str]:
@@ -28,7 +33,7 @@ def indexed_dataset_problem(prefix: str) -> Optional[str]:
             head = f.read(_HEADER)
             if len(head) < _HEADER or not head.startswith(_MAGIC):
                 return f"{idx} is not a Megatron index file (bad header)"
-            version, code, sequences, documents = struct.unpack("<QBQQ", head[len(_MAGIC):])
+            version, code, sequences, documents = _header_fields(head)
             if version != 1 or code not in _ITEM_SIZE:
                 return f"{idx}: unsupported version {version} or dtype code {code}"
             if sequences == 0:
@@ -53,8 +58,7 @@ def indexed_dataset_problem(prefix: str) -> Optional[str]:
 def sequence_count(prefix: str) -> int:
     """Sequences (documents, as danube and preprocess_data.py write them) in <prefix>.idx."""
     with open(prefix + ".idx", "rb") as f:
-        head = f.read(_HEADER)
-    return struct.unpack("<QBQQ", head[len(_MAGIC):])[2]
+        return _header_fields(f.read(_HEADER))[2]
 
 
 @functools.lru_cache(maxsize=8)

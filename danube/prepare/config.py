@@ -187,6 +187,11 @@ class PrepareConfig:
     """How documents become tokens."""
 
 
+def prefix_of(out: Path, source: str) -> Path:
+    """A source's Megatron prefix: <out>/<source>_text_document(.bin/.idx)."""
+    return out / f"{source}_text_document"
+
+
 def validate_prepare(cfg: PrepareConfig) -> List[str]:
     """Every problem of the config itself (no file reads beyond existence checks)."""
     problems: List[str] = []

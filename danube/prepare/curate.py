@@ -62,6 +62,15 @@ class JsonlOut:
         pass
 
 
+def _curated_path(work: Path, shard: int) -> Path:
+    return work / "curated" / f"{shard:05d}.jsonl.gz"
+
+
+def _removed_out(work: Path, step: str, shard: int) -> JsonlOut:
+    """Where `step` (a filter or a dedup step) writes the documents it removed from a shard."""
+    return JsonlOut(work / "removed" / step / f"{shard:05d}.jsonl.gz", reason=step)
+
+
 def _dir(work: Path, *parts: str) -> str:
     """A datatrove data folder (it takes str paths), created so that readers find it."""
     path = work.joinpath(*parts)
@@ -127,9 +136,8 @@ def filter_shard(task: dict) -> dict:
     work, shard = Path(task["work"]), task["shard"]
     reader = Reader(task["text_field"], task["on_error"])
     filters = build_filters(task["filters"], task["filters_cfg"])
-    curated = JsonlOut(work / "curated" / f"{shard:05d}.jsonl.gz")
-    removed = {name: JsonlOut(work / "removed" / name / f"{shard:05d}.jsonl.gz")
-               for name, _ in filters}
+    curated = JsonlOut(_curated_path(work, shard))
+    removed = {name: _removed_out(work, name, shard) for name, _ in filters}
     reasons: Counter = Counter()
     stats = {"documents_in": 0, "bytes_in": 0}
 
@@ -166,7 +174,7 @@ def filter_shard(task: dict) -> dict:
 def curated_documents(work: Path, shard: int) -> Iterator:
     from datatrove.data import Document
 
-    path = work / "curated" / f"{shard:05d}.jsonl.gz"
+    path = _curated_path(work, shard)
     if path.is_file():
         for record in read_jsonl(path):
             yield Document(text=record["text"], id=record["id"])
@@ -235,16 +243,14 @@ def deduplicated_texts(work: Path, shard: int, exact: bool, minhash: bool,
     docs = curated_documents(work, shard)
     writers = []
     if exact:
-        writers.append(("exact_dedup", JsonlOut(work / "removed" / "exact_dedup" /
-                                                f"{shard:05d}.jsonl.gz", "exact_dedup")))
-        docs = _exact_filtered(work, shard, docs, writers[-1][1])
+        writers.append(_removed_out(work, "exact_dedup", shard))
+        docs = _exact_filtered(work, shard, docs, writers[-1])
     if minhash:
-        writers.append(("minhash_dedup", JsonlOut(work / "removed" / "minhash_dedup" /
-                                                  f"{shard:05d}.jsonl.gz", "minhash_dedup")))
+        writers.append(_removed_out(work, "minhash_dedup", shard))
         docs = MinhashDedupFilter(_dir(work, "minhash", "remove"),
-                                  exclusion_writer=writers[-1][1]).run(docs, rank=shard)
+                                  exclusion_writer=writers[-1]).run(docs, rank=shard)
     for doc in docs:
         yield doc.text
-    for name, writer in writers:
+    for writer in writers:
         writer.commit()
-        counts[name] = writer.count
+        counts[writer.reason] = writer.count

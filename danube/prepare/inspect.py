@@ -14,7 +14,7 @@ from typing import Iterator, List, Optional, Tuple
 
 from omegaconf import OmegaConf
 
-from danube.prepare.config import PrepareConfig
+from danube.prepare.config import PrepareConfig, prefix_of
 
 STAGES = ("raw", "curated", "removed", "kept")
 
@@ -79,7 +79,7 @@ def _kept(out: Path, source: str) -> Iterator[Tuple[str, str]]:
     from danube.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(out / "tokenizer")
-    dataset = IndexedDataset(str(out / f"{source}_text_document"))
+    dataset = IndexedDataset(str(prefix_of(out, source)))
     for i in range(len(dataset)):
         yield tokenizer.detokenize(dataset[i]), f"document {i} ({len(dataset[i])} tokens)"
 

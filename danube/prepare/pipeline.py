@@ -34,7 +34,7 @@ from omegaconf import OmegaConf
 
 from danube.config.validate import ConfigError
 from danube.prepare import curate
-from danube.prepare.config import PrepareConfig, SourceConfig, validate_prepare
+from danube.prepare.config import PrepareConfig, SourceConfig, prefix_of, validate_prepare
 from danube.prepare.report import format_report, source_report
 from danube.prepare.sources import Reader, file_identity, list_files, plan_shards
 from danube.prepare.tokenize import build_prefix, cached_tokenizer, tokenize_documents
@@ -44,10 +44,6 @@ MANIFEST = "manifest.json"
 
 def fingerprint(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def prefix_of(out: Path, name: str) -> Path:
-    return out / f"{name}_text_document"
 
 
 def _write_json(path: Path, obj) -> None:
@@ -292,7 +288,8 @@ def _training_sample(cfg: PrepareConfig, plans: List[SourcePlan]):
 
 
 def tokenize_shard(task: dict) -> dict:
-    """Worker task: the shard's (curated, deduplicated) documents -> <tokens>/<shard>.bin/.idx."""
+    """Worker task: the shard's (curated, deduplicated) documents -> <shard>.tokens and
+    <shard>.lengths.npy (tokenize_documents)."""
     work, shard = Path(task["work"]), task["shard"]
     tokenizer = cached_tokenizer(task["tokenizer"])
     stats: dict = {}

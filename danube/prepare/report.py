@@ -4,7 +4,10 @@ duplicates, documents and tokens out."""
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 from typing import List, Optional
+
+from danube.prepare.config import prefix_of
 
 
 def _sum(stats: List[dict], key: str) -> int:
@@ -33,7 +36,7 @@ def source_report(plan, curation: Optional[List[dict]], tokens: List[dict]) -> d
         "duplicates": _merge(tokens, "duplicates"),
         "documents_out": _sum(tokens, "documents_out"),
         "tokens_out": _sum(tokens, "tokens_out"),
-        "prefix": str(plan.src.name) + "_text_document",
+        "prefix": prefix_of(Path(), plan.src.name).name,
         "weight": plan.src.weight,
     }
 
