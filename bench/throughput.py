@@ -5,10 +5,12 @@
 
 Each engine runs in its own process (so peak memory is its own) on the batches of the
 config's data blend, in the same order:
-  danube    launchers' path: megatron-core GPTModel, DDP, distributed-aware optimizer, the
-            config's precision (danube_tiny: bf16 compute, fp32 main weights)
-  hf-fp32   transformers MistralForCausalLM (sdpa), torch AdamW, plain PyTorch loop, fp32
-  hf-bf16   the same loop under torch.autocast(bfloat16)
+  danube-fp32  launchers' path: megatron-core GPTModel, DDP, distributed-aware optimizer, fp32
+  danube-bf16  the same with bf16 compute and fp32 main weights (trainer.precision=bf16-mixed)
+  hf-fp32      transformers MistralForCausalLM (sdpa), torch AdamW, plain PyTorch loop, fp32
+  hf-bf16      the same loop under torch.autocast(bfloat16)
+The header names the CPU's vector capability and whether it has native bf16 (AVX512-BF16 or
+AMX), and what `trainer.precision=auto` picks there: bf16 ratios hold only for that kind of CPU.
 Engines alternate for --rounds rounds (a shared machine's load then hits them alike); each
 round reports the median step over the timed steps, and the table shows each engine's best
 round: tokens/s, peak memory, ratio to hf-fp32, model FLOP/s (6N + attention per token), and
@@ -28,7 +30,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ENGINES = ("danube", "hf-fp32", "hf-bf16")
+ENGINES = ("danube-fp32", "danube-bf16", "hf-fp32", "hf-bf16")
 
 
 def flops_per_token(m, vocab: int) -> float:
@@ -56,17 +58,19 @@ def _setup(overrides):
         "exp_manager.resume_if_exists=false", f"exp_manager.exp_dir={os.environ['BENCH_DIR']}",
     ])
     check_launch(cfg)
-    return cfg
+    from danube.training.pretrain import with_machine_precision
+
+    return with_machine_precision(cfg)[0]
 
 
-def run_danube(overrides, steps, warmup):
+def run_danube(overrides, steps, warmup, precision: str):
     import torch
 
     from danube.training.distributed import init_distributed
     from danube.training.pretrain import build_tokenizer, build_trainer, data_iterators
     from danube.training.step import train_step
 
-    cfg = _setup(overrides)
+    cfg = _setup([*overrides, f"trainer.precision={precision}"])
     init_distributed(cfg.model, cfg.trainer.accelerator)
     tokenizer, corpus = build_tokenizer(cfg)
     trainer = build_trainer(cfg, tokenizer, corpus)
@@ -131,8 +135,9 @@ def run_hf(overrides, steps, warmup, bf16: bool):
 def worker(engine, overrides, steps, warmup):
     import torch
 
-    if engine == "danube":
-        cfg, vocab, times, loss = run_danube(overrides, steps, warmup)
+    if engine.startswith("danube"):
+        precision = "32" if engine == "danube-fp32" else "bf16-mixed"
+        cfg, vocab, times, loss = run_danube(overrides, steps, warmup, precision)
     else:
         cfg, vocab, times, loss = run_hf(overrides, steps, warmup, bf16=engine == "hf-bf16")
     m = cfg.model
@@ -143,7 +148,7 @@ def worker(engine, overrides, steps, warmup):
         "engine": engine, "median_step_s": statistics.median(times),
         "tokens_per_s": tokens / statistics.median(times), "peak_mib": peak / 2**20,
         "flops_per_token": flops_per_token(m, vocab), "loss": float(loss),
-        "precision": cfg.trainer.precision if engine == "danube" else engine[3:],
+        "precision": engine.split("-")[1],
         "threads": torch.get_num_threads(),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
     }))
@@ -165,6 +170,8 @@ def main() -> None:
 
     import tempfile
 
+    from danube.runtime import cpu_capability, cpu_native_bf16, resolve_precision
+
     best = {}
     with tempfile.TemporaryDirectory() as scratch:
         for _ in range(args.rounds):
@@ -185,14 +192,18 @@ def main() -> None:
           f" | best of {args.rounds} rounds of {args.steps} timed steps after {args.warmup}"
           f" | device {results[0]['device']}"
           f" | torch threads {results[0]['threads']}")
-    header = f"{'engine':<9} {'precision':<11} {'tokens/s':>10} {'vs hf-fp32':>10} " \
+    if results[0]["device"] == "cpu":
+        print(f"CPU {cpu_capability()}, native bf16 (AVX512-BF16/AMX): "
+              f"{'yes' if cpu_native_bf16() else 'no'}; trainer.precision=auto -> "
+              f"{resolve_precision('auto', cuda=False).precision}")
+    header = f"{'engine':<12} {'precision':<9} {'tokens/s':>10} {'vs hf-fp32':>10} " \
              f"{'peak MiB':>9} {'TFLOP/s':>8} {'MFU':>6} {'loss':>7}"
     print(header + "\n" + "-" * len(header))
     for r in results:
         tflops = r["tokens_per_s"] * r["flops_per_token"] / 1e12
         ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
         mfu = f"{100 * tflops / args.peak_tflops:.1f}%" if args.peak_tflops else "-"
-        print(f"{r['engine']:<9} {r['precision']:<11} {r['tokens_per_s']:>10,.0f} {ratio:>10} "
+        print(f"{r['engine']:<12} {r['precision']:<9} {r['tokens_per_s']:>10,.0f} {ratio:>10} "
               f"{r['peak_mib']:>9,.0f} {tflops:>8.3f} {mfu:>6} {r['loss']:>7.3f}")
 
 

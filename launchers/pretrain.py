@@ -12,12 +12,13 @@ import sys
 
 from danube.config import ConfigError, check_launch
 from danube.config.compose import hydra_runner, to_pretrain_config
-from danube.runtime import quiet_engine_notices
+from danube.runtime import hide_cuda_for, quiet_engine_notices
 
 
 @hydra_runner(config_name="danube_tiny")
 def main(cfg) -> None:
     config = to_pretrain_config(cfg)  # parse: typed schema, interpolations resolved
+    hide_cuda_for(config.trainer.accelerator)  # accelerator=cpu on a GPU host: no CUDA at all
     try:
         check_launch(config)  # validate + preflight: one error listing every problem
     except ConfigError as error:

@@ -12,6 +12,11 @@ from typing import List
 
 import pytest
 
+# The suite is the CPU path: on a GPU host it hides the GPUs (before anything imports torch or
+# asks CUDA), from this process and from every launcher it starts, and so serves as a CPU
+# smoke test there too.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = ROOT / "launchers" / "pretrain.py"
 

@@ -6,15 +6,16 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
-from danube.training import checkpoint as ckpt
-from danube.training.checkpoint_dirs import (
+from danube.paths import (
     CheckpointMeta,
     is_complete,
     latest_checkpoint,
     list_checkpoints,
     read_meta,
 )
+from danube.training import checkpoint as ckpt
 
 
 def _complete(root: Path, step: int, val_loss=None) -> Path:
@@ -102,3 +103,96 @@ def test_prune_by_val_loss_also_keeps_the_newest(tmp_path):
         _complete(tmp_path, step, loss)
     ckpt.prune_checkpoints(tmp_path, keep=1, monitor="val_loss")
     assert [s for s, _ in list_checkpoints(tmp_path)] == [20, 40]  # best, and newest for resume
+
+
+def _tiny_model(tied: bool = False):
+    from danube.config.schema import ModelConfig
+    from danube.model.builder import build_model_chunks, transformer_config
+
+    m = ModelConfig(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
+                    num_query_groups=2, share_embeddings_and_output_weights=tied)
+    return build_model_chunks(m, transformer_config(m, "32", False), 100, False)[0]
+
+
+class _TEExtraState:
+    """What Transformer Engine's modules add: an `_extra_state` entry (FP8 metadata) on a
+    module the local spec has without one (here the core attention, as TEDotProductAttention)."""
+
+    loaded = []
+
+    def get_extra_state(self):
+        return torch.tensor([7.0])
+
+    def set_extra_state(self, state):
+        _TEExtraState.loaded.append(state)
+
+
+def _with_te_extra_state(monkeypatch):
+    from danube.model.attention import SDPAttention
+
+    _TEExtraState.loaded.clear()
+    monkeypatch.setattr(SDPAttention, "get_extra_state", _TEExtraState.get_extra_state,
+                        raising=False)
+    monkeypatch.setattr(SDPAttention, "set_extra_state", _TEExtraState.set_extra_state,
+                        raising=False)
+
+
+def _save(model, path):
+    return ckpt.save_checkpoint(path, [model], CheckpointMeta(step=0, consumed_samples=0), "")
+
+
+def _same_weights(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return all(torch.equal(sa[k], sb[k]) for k in sa if not k.endswith("_extra_state"))
+
+
+def test_te_spec_model_loads_a_local_spec_checkpoint(tmp_path, megatron_world, monkeypatch):
+    """Local-spec checkpoints (CPU runs, HF imports) lack the extra state TE modules ask for:
+    the weights load, the missing extra state stays fresh."""
+    local = _tiny_model()
+    _save(local, tmp_path / "local")
+    _with_te_extra_state(monkeypatch)
+    te_like = _tiny_model()
+    assert any(k.endswith("core_attention._extra_state") for k in te_like.state_dict())
+    ckpt.load_checkpoint(tmp_path / "local", [te_like])
+    assert _same_weights(te_like, local) and _TEExtraState.loaded == []
+
+
+def test_local_spec_model_loads_a_te_spec_checkpoint(tmp_path, megatron_world, monkeypatch):
+    _with_te_extra_state(monkeypatch)
+    te_like = _tiny_model()
+    _save(te_like, tmp_path / "te")
+    monkeypatch.undo()
+    local = _tiny_model()
+    ckpt.load_checkpoint(tmp_path / "te", [local])
+    assert _same_weights(local, te_like)
+
+
+def test_a_checkpoint_missing_real_weights_is_refused(tmp_path, megatron_world):
+    _save(_tiny_model(tied=True), tmp_path / "tied")  # no output_layer.weight
+    with pytest.raises(ckpt.CheckpointMismatch, match="output_layer.weight"):
+        ckpt.load_checkpoint(tmp_path / "tied", [_tiny_model(tied=False)])
+
+
+def _agree_worker(rank: int, roots: list, port: int, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
+                                         rank=rank, world_size=2)
+    from danube.training.pretrain import agreed_latest_checkpoint
+
+    chosen = agreed_latest_checkpoint(Path(roots[rank]))
+    Path(out, f"chosen{rank}").write_text(str(chosen))
+    torch.distributed.destroy_process_group()
+
+
+def test_every_rank_resumes_the_checkpoint_rank0_chose(tmp_path):
+    """Two ranks whose listings differ (a shared filesystem seen at different moments) still
+    load the same checkpoint: rank 0's."""
+    from tests.conftest import free_port
+
+    _complete(tmp_path / "rank0", 4)
+    _complete(tmp_path / "rank1", 2)
+    torch.multiprocessing.spawn(
+        _agree_worker, args=([str(tmp_path / "rank0"), str(tmp_path / "rank1")], free_port(),
+                             str(tmp_path)), nprocs=2)
+    expected = str(tmp_path / "rank0" / "step_00000004")
+    assert [(tmp_path / f"chosen{r}").read_text() for r in (0, 1)] == [expected, expected]

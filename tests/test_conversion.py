@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import QUIET, ROOT, SMALL_MODEL, run_pretrain
+from tests.conftest import QUIET, ROOT, SMALL_MODEL, free_port, run_pretrain
 
 SEQ = 24  # longer than the window below
 
@@ -120,7 +121,8 @@ def test_exported_config_and_tokenizer(tmp_path):
                 "max_position_embeddings", "num_key_value_heads", "head_dim"):
         assert getattr(back, key) == getattr(original, key), key
     assert back.rope_parameters["rope_theta"] == 12345.0
-    assert (back.bos_token_id, back.eos_token_id, back.pad_token_id) == (1, 2, 0)
+    ids = ("bos_token_id", "eos_token_id", "pad_token_id")
+    assert [getattr(back, k) for k in ids] == [getattr(original, k) for k in ids]
     raw = json.loads((tmp_path / "back" / "config.json").read_text())
     assert raw["rope_theta"] == 12345.0 and raw["torch_dtype"] == "float32"  # 4.x readers
     assert (tmp_path / "back" / "generation_config.json").is_file()
@@ -332,3 +334,98 @@ def test_an_interrupted_import_leaves_no_output(tmp_path):
     result = convert("hf_to_mcore.py", hf_dir, tmp_path / "ours", check=False)
     assert result.returncode != 0
     assert not (tmp_path / "ours").exists() and not (tmp_path / ".tmp-ours").exists()
+
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+          "'<|im_end|>\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+CHAT = [{"role": "user", "content": "hello there"}]
+
+
+def make_chatml_hf(path: Path, extra_rows: int) -> Path:
+    """A ChatML-style instruct model as transformers 5 saves it: specials <|endoftext|>=0,
+    <|im_start|>=1 (bos), <|im_end|>=2 (eos, pad), the template in chat_template.jinja, and
+    `extra_rows` embedding rows beyond the tokenizer. Its LM head makes <|im_end|> win after a
+    few greedy tokens after the CHAT prompt, so generation has a place to stop."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.train_from_iterator(["user: hello there, how are you?", "assistant: fine, thanks."] * 50,
+                           trainers.BpeTrainer(
+                               vocab_size=300, show_progress=False,
+                               special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=hf, bos_token="<|im_start|>",
+                                  eos_token="<|im_end|>", pad_token="<|im_end|>")
+    tok.chat_template = CHATML
+    tok.save_pretrained(path)
+    assert (path / "chat_template.jinja").is_file()  # where transformers 5 keeps it
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=hf.get_vocab_size() + extra_rows, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=2))
+    prompt = torch.tensor([tok.apply_chat_template(CHAT, add_generation_prompt=True,
+                                                   tokenize=True, return_dict=False)])
+    with torch.no_grad():
+        third = model.generate(prompt, max_new_tokens=3, do_sample=False, eos_token_id=None)[0, -1]
+        model.lm_head.weight[2] = 1.5 * model.lm_head.weight[third]
+    model.save_pretrained(path)
+    return path
+
+
+def test_chatml_model_keeps_its_ids_template_and_rows(tmp_path):
+    """HF -> danube -> HF of a ChatML instruct model whose config vocab exceeds its tokenizer:
+    the same special-token ids, generation config and chat template; bit-identical weights
+    (extra rows kept); greedy generation stops where the source's stops."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = make_chatml_hf(tmp_path / "hf", extra_rows=20)
+    convert("hf_to_mcore.py", source, tmp_path / "ours")
+    convert("mcore_to_hf.py", tmp_path / "ours" / "checkpoint", tmp_path / "back")
+    back = tmp_path / "back"
+    for name in ("config.json", "generation_config.json"):
+        original, exported = (json.loads((d / name).read_text()) for d in (source, back))
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id", "vocab_size"):
+            if key in original:
+                assert exported[key] == original[key], (name, key)
+    template = [(d / "chat_template.jinja").read_text() for d in (source, back)]
+    assert template[0] == template[1]
+    rendered = [AutoTokenizer.from_pretrained(d).apply_chat_template(
+        CHAT, add_generation_prompt=True, tokenize=True, return_dict=False)
+        for d in (source, back)]
+    assert rendered[0] == rendered[1] and rendered[0][0] == 1
+    models = [AutoModelForCausalLM.from_pretrained(d) for d in (source, back)]
+    original, exported = models[0].state_dict(), models[1].state_dict()
+    assert all(torch.equal(original[k], exported[k]) for k in original)
+    prompt = torch.tensor([rendered[0]])
+    outputs = [m.generate(prompt, max_new_tokens=12, do_sample=False)[0].tolist()
+               for m in models]
+    assert outputs[0][-1] == 2 and len(outputs[0]) < len(rendered[0]) + 12  # stopped at eos
+    assert outputs[1] == outputs[0]
+
+
+def test_tp1_checkpoint_of_vocab_32000_restores_at_tp4(tmp_path):
+    """The padded vocabulary depends on the config alone: an imported TP=1 checkpoint (vocab
+    32000) loads at TP=4 and gives the TP=1 logits, 32000 of them (megatron-LM's divisor x TP
+    padding builds 32256 rows at TP=4: other logits, other exports, another optimizer state)."""
+    hf_dir = make_hf(tmp_path / "hf", "llama", vocab_size=32000, num_key_value_heads=4)
+    convert("hf_to_mcore.py", hf_dir, tmp_path / "ours")
+    ckpt = tmp_path / "ours" / "checkpoint"
+    helper = ROOT / "tests" / "helpers" / "checkpoint_logits.py"
+    for tp in (1, 4):
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={tp}",
+               f"--master_port={free_port()}", str(helper), str(ckpt), str(tp),
+               str(tmp_path / f"tp{tp}.pt")]
+        result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert result.returncode == 0, result.stderr[-4000:]
+    tp1, tp4 = torch.load(tmp_path / "tp1.pt"), torch.load(tmp_path / "tp4.pt")
+    assert tp1.shape[-1] == 32000
+    torch.testing.assert_close(tp4, tp1, rtol=1e-5, atol=1e-5)

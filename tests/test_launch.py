@@ -41,3 +41,30 @@ def test_a_slurm_task_trains(tmp_path):
 def test_shell_scripts_parse():
     for script in ("launchers/slurm/pretrain.sbatch", ".ci/run"):
         subprocess.run(["bash", "-n", str(ROOT / script)], check=True)
+
+
+def test_image_stack_guard_fails_when_pip_replaced_torch(tmp_path):
+    """The Dockerfile records the image's torch/TE before `pip install` and verifies after;
+    here the record says another torch was there, as if pip had replaced it."""
+    import json
+
+    guard = [sys.executable, str(ROOT / "docker" / "image_stack.py")]
+    record = tmp_path / "stack.json"
+    subprocess.run([*guard, "record", str(record)], check=True, capture_output=True)
+    assert "torch" in json.loads(record.read_text())
+    kept = subprocess.run([*guard, "verify", str(record)], capture_output=True, text=True)
+    assert kept.returncode == 0, kept.stderr
+    stack = json.loads(record.read_text())
+    stack["torch"][0] = "2.8.0a0+5228986c39.nv25.06"
+    record.write_text(json.dumps(stack))
+    replaced = subprocess.run([*guard, "verify", str(record)], capture_output=True, text=True)
+    assert replaced.returncode == 1
+    assert "pip replaced the image's torch: ['2.8.0a0+5228986c39.nv25.06'" in replaced.stderr
+
+
+def test_docker_context_leaves_outputs_data_and_environments_out():
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {"results/", "data/", ".venv/", ".git/"} <= set(ignored)
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "ARG BASE_IMAGE=" in dockerfile and "CUDA_DEVICE_MAX_CONNECTIONS=1" in dockerfile
+    assert dockerfile.count("image_stack.py verify") == 2

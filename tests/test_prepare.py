@@ -426,3 +426,34 @@ def test_prepared_prefixes_train_with_danube_tiny(tmp_path):
                   f"exp_manager.exp_dir={tmp_path / 'exp'}"])
     metrics = [m for m in read_metrics(tmp_path / "exp" / "danube_tiny") if "loss" in m]
     assert len(metrics) == 4 and all(m["loss"] < 7.0 for m in metrics)  # ln(400) = 6.0
+
+
+def test_bos_follows_the_tokenizer_config_and_is_reported(tmp_path):
+    """A Llama/Mistral-style tokenizer (add_bos_token: true in tokenizer_config.json) gets BOS
+    before every document by default; add_bos=false turns it off; a tokenizer without a BOS
+    token is refused before any work."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from danube.data.tokenizer import train_byte_level_bpe
+
+    texts = [prose(i, 30) for i in range(20)]
+    write_jsonl(tmp_path / "raw" / "a.jsonl", [{"text": t} for t in texts])
+    tok_dir = tmp_path / "llama_like"
+    tok_dir.mkdir()
+    tokenizer = train_byte_level_bpe(texts, 400)
+    tokenizer.save(tok_dir / "tokenizer.json")
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True}))
+    source = [dict(name="web", paths=[str(tmp_path / "raw")])]
+    for out, extra, first in [("default", [], [tokenizer.bos]),
+                              ("off", ["tokenizer.add_bos=false"], [])]:
+        cfg = config(tmp_path / out, source, f"tokenizer.path={tok_dir}", *extra)
+        report = run_prepare(cfg)
+        assert report["tokens"]["add_bos"] is bool(first)
+        dataset = IndexedDataset(str(tmp_path / out / "web_text_document"))
+        for i, text in enumerate(texts):
+            assert dataset[i].tolist() == first + tokenizer.tokenize(text) + [tokenizer.eod]
+    (tok_dir / "tokenizer.json").write_text(
+        (tok_dir / "tokenizer.json").read_text().replace('"<s>"', '"<x>"'))
+    with pytest.raises(ConfigError, match="no beginning-of-sequence token"):
+        run_prepare(config(tmp_path / "nobos", source, f"tokenizer.path={tok_dir}"))
+    assert not (tmp_path / "nobos").exists()

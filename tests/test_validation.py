@@ -83,14 +83,29 @@ def test_missing_psutil_is_caught_before_a_hanging_save(monkeypatch):
     assert any("psutil is not installed" in p for p in problems)
 
 
-def _fake_checkpoint(root, step, config_yaml):
-    """The files of a checkpoint (contents aside from ours do not matter to preflight)."""
+def _fake_checkpoint(root, step, config_yaml, embedding_rows=None):
+    """The files of a checkpoint: ours, and a DCP .metadata naming the embedding's shape
+    (tensor contents do not matter to preflight)."""
+    import pickle
+
+    import torch
+    from torch.distributed.checkpoint.metadata import (
+        Metadata,
+        TensorProperties,
+        TensorStorageMetadata,
+    )
+
     path = root / f"step_{step:08d}"
     path.mkdir(parents=True)
     (path / "config.yaml").write_text(config_yaml)
     (path / "danube_checkpoint.json").write_text(json.dumps({"step": step, "consumed_samples": 0}))
-    for name in ("metadata.json", "common.pt", ".metadata"):
+    for name in ("metadata.json", "common.pt"):
         (path / name).write_bytes(b"")
+    tensors = {}
+    if embedding_rows is not None:
+        tensors["embedding.word_embeddings.weight"] = TensorStorageMetadata(
+            TensorProperties(dtype=torch.float32), torch.Size([embedding_rows, 256]), [])
+    (path / ".metadata").write_bytes(pickle.dumps(Metadata(state_dict_metadata=tensors)))
     return path
 
 
@@ -114,6 +129,16 @@ def test_resuming_with_another_architecture_is_refused(tmp_path):
     problems = preflight(wider, CPU)
     assert any("model.hidden_size=512 but the checkpoint" in p for p in problems)
     assert preflight(cfg, CPU) == []
+
+
+def test_a_checkpoint_of_another_vocabulary_size_is_named(tmp_path):
+    """The embedding rows in the checkpoint's metadata against the rows this config builds."""
+    cfg = compose_pretrain_config("danube_tiny", [f"exp_manager.exp_dir={tmp_path}"])
+    _fake_checkpoint(tmp_path / "danube_tiny" / "checkpoints", 10, to_yaml(cfg), 8192)
+    assert preflight(cfg, CPU) == []
+    more = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=8200))
+    problems = preflight(more, CPU)
+    assert any("has 8192 vocabulary rows but this config builds 8320" in p for p in problems)
 
 
 def test_restore_from_path_must_be_a_complete_checkpoint(tmp_path):
@@ -225,3 +250,66 @@ def test_distributed_optimizer_state_only_resumes_on_its_layout(tmp_path):
         "optimizer_sharding": "dp_reshardable"}))
     problems = preflight(cfg, CPU)
     assert any("reshards across data-parallel sizes only" in p for p in problems), problems
+
+
+GPU_TE = Machine(world_size=1, cuda=True, transformer_engine=True)
+
+
+def test_keys_that_would_do_nothing_are_refused_naming_the_backend():
+    """reset_position_ids is inert under RoPE; reset_attention_mask is ignored by TE's causal
+    kernels (our sdpa honours it); a window under context parallelism needs a2a/all_gather."""
+    rope = compose_pretrain_config("danube_tiny", ["model.data.reset_position_ids=true"])
+    assert any("reset_position_ids=true has no effect with position_embedding_type=rope" in p
+               for p in validate(rope))
+    learned = compose_pretrain_config("danube_tiny", [
+        "model.data.reset_position_ids=true", "model.position_embedding_type=learned_absolute"])
+    assert validate(learned) == []
+
+    masked = compose_pretrain_config("danube_tiny", ["model.data.reset_attention_mask=true"])
+    assert validate(masked) == [] and not preflight(masked, CPU)
+    assert any("attention_backend=auto) ignores the attention mask" in p
+               for p in preflight(masked, GPU_TE))
+    sdpa = dataclasses.replace(masked, model=dataclasses.replace(masked.model,
+                                                                 attention_backend="sdpa"))
+    assert not [p for p in preflight(sdpa, GPU_TE) if "reset_attention_mask" in p]
+
+    cp = ["model.context_parallel_size=2", "trainer.devices=2"]
+    p2p = validate(compose_pretrain_config("danube_tiny", cp))
+    assert any("cp_comm_type=p2p" in p and "window_size=128" in p for p in p2p)
+    for kind in ("a2a", "all_gather"):
+        ok = validate(compose_pretrain_config("danube_tiny", [*cp, f"model.cp_comm_type={kind}"]))
+        assert not [p for p in ok if "cp_comm_type" in p]
+    unwindowed = validate(compose_pretrain_config("danube_tiny", [*cp, "model.window_size=null"]))
+    assert not [p for p in unwindowed if "cp_comm_type" in p]
+
+
+def test_vocab_padding_needs_a_tp_divisible_divisor():
+    bad = validate(compose_pretrain_config("danube_tiny", [
+        "model.tensor_model_parallel_size=4", "model.make_vocab_size_divisible_by=2",
+        "trainer.devices=4", "model.global_batch_size=8"]))
+    assert any("make_vocab_size_divisible_by=2 must be a multiple of "
+               "tensor_model_parallel_size=4" in p for p in bad)
+
+
+def test_padded_vocabulary_does_not_depend_on_tp():
+    from danube.config.derived import padded_vocab_size
+
+    for tp in (1, 2, 4, 8):
+        m = compose_pretrain_config("danube_tiny", [f"model.tensor_model_parallel_size={tp}"]).model
+        assert padded_vocab_size(32000, m) == 32000
+        assert padded_vocab_size(32001, m) == 32128
+        assert padded_vocab_size(300, dataclasses.replace(m, vocab_size=32000)) == 32000
+
+
+def test_accelerator_cpu_hides_cuda_from_the_process(monkeypatch):
+    """accelerator=cpu on a GPU host: the launcher hides the GPUs before anything asks, so the
+    run is the CPU one throughout (gloo, CPU shims, local spec, unbatched p2p)."""
+    import os
+
+    from danube import runtime
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    runtime.hide_cuda_for("auto")
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0"
+    runtime.hide_cuda_for("cpu")
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == ""

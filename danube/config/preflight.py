@@ -9,27 +9,29 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import torch
 
 from danube.config.compose import load_yaml_config
+from danube.config.derived import EMBEDDED_PREFIX, blend_paths, padded_vocab_size, world_size
 from danube.config.schema import PretrainConfig
-from danube.config.validate import EMBEDDED_PREFIX, blend_paths, world_size
 from danube.data.indexed import (
     documents_for_splits,
     empty_splits,
     indexed_dataset_problem,
     sequence_count,
 )
-from danube.runtime import launch_info, transformer_engine_available
-from danube.training.checkpoint_dirs import (
+from danube.paths import (
     CONFIG_FILE,
     checkpoint_problem,
+    checkpoint_root,
+    checkpoint_tensor_shapes,
     is_complete,
     latest_checkpoint,
     read_meta,
 )
+from danube.runtime import launch_info, transformer_engine_available
 
 # Keys whose change makes a checkpoint's weights unusable: checked before resuming.
 ARCHITECTURE_KEYS = (
@@ -52,14 +54,6 @@ def detect_machine() -> Machine:
                    transformer_engine_available())
 
 
-def exp_dir(cfg: PretrainConfig) -> Path:
-    return Path(cfg.exp_manager.exp_dir) / cfg.exp_manager.name
-
-
-def checkpoint_root(cfg: PretrainConfig) -> Path:
-    return exp_dir(cfg) / "checkpoints"
-
-
 def _check_machine(cfg: PretrainConfig, machine: Machine, problems: List[str]) -> None:
     m, want = cfg.model, world_size(cfg)
     if machine.world_size != want:
@@ -77,6 +71,11 @@ def _check_machine(cfg: PretrainConfig, machine: Machine, problems: List[str]) -
     if m.context_parallel_size > 1 and not gpu_te:
         problems.append("model.context_parallel_size > 1 needs Transformer Engine's attention "
                         "on a CUDA GPU; set it to 1 here")
+    te_attention = gpu_te and m.transformer_engine and m.attention_backend not in ("sdpa", "local")
+    if m.data.reset_attention_mask and te_attention:
+        problems.append("model.data.reset_attention_mask=true: Transformer Engine's causal "
+                        f"attention (model.attention_backend={m.attention_backend}) ignores the "
+                        "attention mask; use model.attention_backend=sdpa, or set it to false")
     if m.attention_backend in ("flash", "fused", "unfused") and not gpu_te:
         problems.append(f"model.attention_backend={m.attention_backend} is a Transformer Engine "
                         "backend, unavailable here; use auto, sdpa or local")
@@ -99,12 +98,33 @@ def _check_files(cfg: PretrainConfig, problems: List[str]) -> None:
             problems.append(f"model.data.data_prefix: {problem}")
         elif not isinstance(m.data.data_prefix, dict):
             _check_split_sizes(prefix, m.data.splits_string, problems)
+    _check_vocab(m, problems)
     if m.tokenizer.library == "huggingface" and m.tokenizer.model:
         path = Path(m.tokenizer.model)
         json_path = path / "tokenizer.json" if path.is_dir() else path
         if not json_path.is_file():
             problems.append(f"model.tokenizer.model={m.tokenizer.model}: no tokenizer.json there; "
                             "give the file or the directory that holds it")
+
+
+def tokenizer_vocab_size(m) -> Optional[int]:
+    """Tokens of the configured tokenizer (None when its file is missing: reported apart)."""
+    if m.tokenizer.library == "embedded":
+        return m.tokenizer.vocab_size
+    path = Path(m.tokenizer.model or "")
+    json_path = path / "tokenizer.json" if path.is_dir() else path
+    if not json_path.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(json_path)).get_vocab_size(with_added_tokens=True)
+
+
+def _check_vocab(m, problems: List[str]) -> None:
+    vocab = tokenizer_vocab_size(m)
+    if vocab is not None and m.vocab_size is not None and vocab > m.vocab_size:
+        problems.append(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's "
+                        f"{vocab} tokens: raise it, or null to use the tokenizer's size")
 
 
 def _check_split_sizes(prefix: str, splits_string: str, problems: List[str]) -> None:
@@ -122,14 +142,15 @@ def _check_split_sizes(prefix: str, splits_string: str, problems: List[str]) -> 
 
 def _check_checkpoints(cfg: PretrainConfig, problems: List[str]) -> None:
     em = cfg.exp_manager
-    latest = latest_checkpoint(checkpoint_root(cfg))
+    root = checkpoint_root(em)
+    latest = latest_checkpoint(root)
     if latest is not None and not em.resume_if_exists:
-        problems.append(f"{checkpoint_root(cfg)} already holds checkpoints (newest: "
+        problems.append(f"{root} already holds checkpoints (newest: "
                         f"{latest.name}) and exp_manager.resume_if_exists=false would overwrite "
                         "them: set resume_if_exists=true, or choose another exp_manager.name")
     if latest is None and em.resume_if_exists and not em.resume_ignore_no_checkpoint:
         problems.append(f"exp_manager.resume_if_exists=true and resume_ignore_no_checkpoint="
-                        f"false, but {checkpoint_root(cfg)} holds no complete checkpoint")
+                        f"false, but {root} holds no complete checkpoint")
     restore = cfg.model.restore_from_path
     if restore and not is_complete(Path(restore)):
         problems.append(f"model.restore_from_path={restore} is not a complete danube checkpoint "
@@ -160,6 +181,7 @@ def _check_checkpoint_content(cfg: PretrainConfig, source: Path, resuming: bool,
         if old != new:
             problems.append(f"model.{key}={new!r} but the checkpoint {source} was trained with "
                             f"{old!r}; restore the value or start a new experiment name")
+    _check_embedding_rows(cfg.model, source, problems)
     meta = read_meta(source)
     layout = (cfg.model.tensor_model_parallel_size, cfg.model.pipeline_model_parallel_size)
     saved_layout = (meta.layout.get("tp"), meta.layout.get("pp"))
@@ -168,6 +190,26 @@ def _check_checkpoint_content(cfg: PretrainConfig, source: Path, resuming: bool,
                         f"{saved_layout[0]} x {saved_layout[1]}, which reshards across data-"
                         f"parallel sizes only: resume with that layout (now {layout[0]} x "
                         f"{layout[1]}), or start a new experiment with model.restore_from_path")
+
+
+def _check_embedding_rows(m, source: Path, problems: List[str]) -> None:
+    """The checkpoint's vocabulary rows (its metadata) against what this config builds."""
+    vocab = tokenizer_vocab_size(m)
+    try:
+        rows = checkpoint_tensor_shapes(source).get("embedding.word_embeddings.weight")
+    except Exception as error:  # a damaged .metadata is reported, not raised
+        problems.append(f"{source}/.metadata is unreadable ({error}): not a whole checkpoint")
+        return
+    if vocab is None or rows is None:
+        return
+    want = padded_vocab_size(vocab, m)
+    if rows[0] != want:
+        problems.append(
+            f"{source} has {rows[0]} vocabulary rows but this config builds {want} "
+            f"({m.vocab_size or vocab} tokens padded to a multiple of "
+            f"model.make_vocab_size_divisible_by={m.make_vocab_size_divisible_by}): use the "
+            f"checkpoint's tokenizer, or set model.vocab_size / make_vocab_size_divisible_by "
+            f"so that they give {rows[0]}")
 
 
 def preflight(cfg: PretrainConfig, machine: Machine) -> List[str]:

@@ -20,8 +20,10 @@ class TrainerConfig:
     """Number of nodes; world size = devices x num_nodes."""
     accelerator: str = "auto"
     """auto | gpu | cpu. auto picks CUDA (NCCL) when present, else CPU (gloo)."""
-    precision: str = "bf16-mixed"
-    """32 | bf16 | bf16-mixed: fp32 throughout, or bf16 compute with fp32 main weights."""
+    precision: str = "auto"
+    """auto | 32 | bf16 | bf16-mixed: fp32 throughout, or bf16 compute with fp32 main weights
+    (bf16 and bf16-mixed mean the same). auto: bf16-mixed on CUDA and on CPUs with native bf16
+    (AVX512-BF16 or AMX), 32 elsewhere (emulated bf16 runs ~30x slower)."""
     max_steps: int = 100
     """Optimizer steps to train for (one step = one global batch)."""
     val_check_interval: int = 50
@@ -92,9 +94,11 @@ class DataConfig:
     num_workers: int = 0
     """DataLoader worker processes per rank."""
     reset_position_ids: bool = False
-    """Restart position ids after each end-of-document token."""
+    """Restart position ids after each end-of-document token (learned_absolute positions only:
+    megatron-core's RoPE takes positions from the sequence length, so with rope it is refused)."""
     reset_attention_mask: bool = False
-    """Block attention across end-of-document tokens."""
+    """Block attention across end-of-document tokens (our sdpa/local attention; Transformer
+    Engine's causal kernels ignore the mask, so it is refused there)."""
     eod_mask_loss: bool = False
     """Exclude end-of-document tokens from the loss."""
     embedded_cache_dir: Optional[str] = None
@@ -147,6 +151,9 @@ class ModelConfig:
     """Model chunks per pipeline rank for the interleaved schedule; null = no interleaving."""
     context_parallel_size: int = 1
     """Context (sequence-split attention) parallel size; needs Transformer Engine."""
+    cp_comm_type: str = "p2p"
+    """Context-parallel attention exchange: p2p (ring) | all_gather | a2a | a2a+p2p. Transformer
+    Engine runs a sliding window only with all_gather or a2a."""
     sequence_parallel: bool = False
     """Split norms/dropout activations along the sequence across the TP group (TP > 1)."""
     seed: int = 1234
@@ -187,8 +194,12 @@ class ModelConfig:
     """Biases in linear layers."""
     share_embeddings_and_output_weights: bool = False
     """Tie the input embedding and the LM head."""
+    vocab_size: Optional[int] = None
+    """Rows of the embedding and LM head before padding; null = the tokenizer's size. Set by
+    the importer when a model's config.json has more rows than its tokenizer has tokens."""
     make_vocab_size_divisible_by: int = 128
-    """Pad the vocabulary to a multiple of this (times TP size)."""
+    """Pad the vocabulary to a multiple of this (not scaled by TP, so checkpoints move between
+    layouts); tensor_model_parallel_size must divide it."""
     init_method_std: float = 0.02
     """Std of the normal weight init."""
     hidden_dropout: float = 0.0

@@ -7,14 +7,20 @@ Launch-time checks (files, TE/CUDA, world size) are in `danube.config.preflight`
 
 from __future__ import annotations
 
-import numbers
-from typing import List, Optional, Tuple
+from typing import List
 
-from danube.config.schema import DataConfig, ModelConfig, PretrainConfig
+from danube.config.derived import (
+    EMBEDDED_PREFIX,
+    EMBEDDED_SOURCES,
+    blend_paths,
+    data_parallel_size,
+    normalized_precision,
+    parse_blend,
+    world_size,
+)
+from danube.config.schema import ModelConfig, PretrainConfig
 
-EMBEDDED_PREFIX = "embedded:"
-EMBEDDED_SOURCES = ("prose", "code")
-PRECISIONS = ("32", "bf16", "bf16-mixed")
+PRECISIONS = ("auto", "32", "bf16", "bf16-mixed")
 
 
 class ConfigError(ValueError):
@@ -29,64 +35,6 @@ class ConfigError(ValueError):
 def raise_if_problems(problems: List[str]) -> None:
     if problems:
         raise ConfigError(problems)
-
-
-def normalized_precision(precision: str) -> str:
-    """'32' or 'bf16' (bf16 and bf16-mixed mean the same: bf16 compute, fp32 main weights)."""
-    return "32" if str(precision) in ("32", "32-true") else "bf16"
-
-
-def world_size(cfg: PretrainConfig) -> int:
-    return cfg.trainer.devices * cfg.trainer.num_nodes
-
-
-def data_parallel_size(model: ModelConfig, world: int) -> int:
-    model_parallel = (
-        model.tensor_model_parallel_size
-        * model.pipeline_model_parallel_size
-        * model.context_parallel_size
-    )
-    return max(world // max(model_parallel, 1), 1)
-
-
-def num_microbatches(model: ModelConfig, world: int) -> int:
-    """Gradient-accumulation steps per optimizer step on each data-parallel rank."""
-    return model.global_batch_size // (model.micro_batch_size * data_parallel_size(model, world))
-
-
-def parse_blend(prefixes) -> Tuple[Optional[List[str]], Optional[List[float]], List[str]]:
-    """NeMo `data_prefix` list -> (paths, weights or None, problems)."""
-    if not isinstance(prefixes, (list, tuple)) or not prefixes:
-        return None, None, ["must be a non-empty list"]
-    if len(prefixes) == 1:
-        if not isinstance(prefixes[0], str):
-            return None, None, [f"a single entry must be a path prefix, got {prefixes[0]!r}"]
-        return [prefixes[0]], None, []
-    if len(prefixes) % 2:
-        return None, None, ["a blend alternates weight, prefix: it needs an even length"]
-    weights, paths = list(prefixes[0::2]), list(prefixes[1::2])
-    problems = []
-    for w in weights:
-        if isinstance(w, bool) or not isinstance(w, numbers.Real) or w <= 0:
-            problems.append(f"weight {w!r} must be a positive number")
-    for p in paths:
-        if not isinstance(p, str):
-            problems.append(f"prefix {p!r} must be a string")
-    if problems:
-        return None, None, problems
-    return paths, [float(w) for w in weights], []
-
-
-def blend_paths(data: DataConfig) -> List[str]:
-    """Every prefix the config names, in all splits (empty if malformed)."""
-    prefix = data.data_prefix
-    groups = list(prefix.values()) if isinstance(prefix, dict) else [prefix]
-    paths: List[str] = []
-    for group in groups:
-        if group is not None:
-            parsed, _, _ = parse_blend(group)
-            paths += parsed or []
-    return paths
 
 
 def _check_choice(problems, key, value, choices) -> None:
@@ -137,6 +85,8 @@ def _check_architecture(m: ModelConfig, problems: List[str]) -> None:
                   ("swiglu", "fast-swiglu", "gelu", "squared-relu"))
     _check_choice(problems, "model.attention_backend", m.attention_backend,
                   ("auto", "sdpa", "local", "flash", "fused", "unfused"))
+    if m.vocab_size is not None and m.vocab_size < 1:
+        problems.append(f"model.vocab_size={m.vocab_size} must be >= 1 (null = the tokenizer's)")
     heads, groups = m.num_attention_heads, m.num_query_groups or m.num_attention_heads
     if m.num_query_groups is not None and (groups < 1 or heads % groups):
         problems.append(f"model.num_query_groups={m.num_query_groups}: num_attention_heads "
@@ -191,6 +141,10 @@ def _check_parallelism(cfg: PretrainConfig, problems: List[str]) -> None:
     if vp is not None and (vp < 1 or pp < 2):
         problems.append(f"model.virtual_pipeline_model_parallel_size={vp} needs "
                         "pipeline_model_parallel_size >= 2 (null disables interleaving)")
+    if m.make_vocab_size_divisible_by >= 1 and m.make_vocab_size_divisible_by % tp:
+        problems.append(f"model.make_vocab_size_divisible_by={m.make_vocab_size_divisible_by} "
+                        f"must be a multiple of tensor_model_parallel_size={tp} (the padded "
+                        "vocabulary is split across TP ranks); e.g. 128")
     if m.sequence_parallel and tp < 2:
         problems.append("model.sequence_parallel=true needs tensor_model_parallel_size >= 2")
     if m.sequence_parallel and m.encoder_seq_length % tp:
@@ -199,6 +153,13 @@ def _check_parallelism(cfg: PretrainConfig, problems: List[str]) -> None:
     if cp > 1 and not m.transformer_engine:
         problems.append(f"model.context_parallel_size={cp} needs Transformer Engine: set "
                         "model.transformer_engine=true (and run where TE is installed)")
+    _check_choice(problems, "model.cp_comm_type", m.cp_comm_type,
+                  ("p2p", "all_gather", "a2a", "a2a+p2p"))
+    if cp > 1 and m.window_size is not None and m.cp_comm_type not in ("all_gather", "a2a"):
+        problems.append(f"model.cp_comm_type={m.cp_comm_type} with context_parallel_size={cp} "
+                        f"and window_size={m.window_size}: Transformer Engine runs a sliding "
+                        "window under context parallelism only with cp_comm_type=a2a or "
+                        "all_gather")
     if cp > 1 and m.encoder_seq_length % (2 * cp):
         problems.append(f"model.encoder_seq_length={m.encoder_seq_length} must be divisible "
                         f"by 2 x context_parallel_size={2 * cp}")
@@ -225,9 +186,10 @@ def _check_fp8(cfg: PretrainConfig, problems: List[str]) -> None:
         problems.append("model.fp8=true needs exactly one of model.fp8_e4m3 / model.fp8_hybrid")
     if not m.transformer_engine:
         problems.append("model.fp8=true needs model.transformer_engine=true (FP8 runs in TE)")
-    if normalized_precision(cfg.trainer.precision) != "bf16":
-        problems.append("model.fp8=true needs trainer.precision=bf16-mixed (FP8 GEMMs with "
-                        "bf16 weights and activations)")
+    if str(cfg.trainer.precision) != "auto" and \
+            normalized_precision(cfg.trainer.precision) != "bf16":
+        problems.append("model.fp8=true needs trainer.precision=bf16-mixed or auto (FP8 GEMMs "
+                        "with bf16 weights and activations)")
 
 
 def _check_optim(cfg: PretrainConfig, problems: List[str]) -> None:
@@ -263,6 +225,11 @@ def _check_data(cfg: PretrainConfig, problems: List[str]) -> None:
     if tok.library == "embedded" and tok.vocab_size < 512:
         problems.append(f"model.tokenizer.vocab_size={tok.vocab_size} must be >= 512 for the "
                         "embedded byte-level BPE (256 bytes + specials + merges)")
+    if data.reset_position_ids and m.position_embedding_type == "rope":
+        problems.append("model.data.reset_position_ids=true has no effect with "
+                        "position_embedding_type=rope (megatron-core's GPTModel takes rotary "
+                        "positions from the sequence length, not from position ids): set it to "
+                        "false")
     if data.num_workers < 0:
         problems.append(f"model.data.num_workers={data.num_workers} must be >= 0")
     prefix = data.data_prefix

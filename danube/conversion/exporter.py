@@ -18,10 +18,10 @@ from danube.config.compose import load_yaml_config
 from danube.conversion import ConversionError, output_problem, staged_output
 from danube.conversion.hf_config import export_problems, hf_config_from_model
 from danube.conversion.hf_files import ShardedSafetensorsWriter
-from danube.conversion.hf_tokenizer import token_ids, write_hf_tokenizer
+from danube.conversion.hf_tokenizer import generation_config, token_ids, write_hf_tokenizer
 from danube.conversion.layout import GLOBALS, Geometry, hf_layer_name, mcore_to_hf_layer
 from danube.data.tokenizer import load_tokenizer
-from danube.training.checkpoint_dirs import CONFIG_FILE, TOKENIZER_DIR, checkpoint_problem
+from danube.paths import CONFIG_FILE, TOKENIZER_DIR, checkpoint_problem
 
 _DTYPES = {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float16: "float16"}
 
@@ -55,10 +55,14 @@ def export_hf(ckpt: Path, hf_dir: Path, max_shard_bytes: int = 5 * 2**30,
     tokenizer = load_tokenizer(tokenizer_dir)
     with staged_output(hf_dir) as tmp:
         reader = DistCheckpointReader(ckpt)
-        dtype = _stream_weights(reader, model, tokenizer.vocab_size, tmp, max_shard_bytes)
-        config = hf_config_from_model(model, tokenizer.vocab_size, token_ids(tokenizer), dtype)
+        # The model's own rows (an imported config.json may have more than its tokenizer);
+        # only megatron's padding beyond them is dropped.
+        vocab = model.vocab_size or tokenizer.vocab_size
+        dtype = _stream_weights(reader, model, vocab, tmp, max_shard_bytes)
+        ids = token_ids(tokenizer, tokenizer_dir)
+        config = hf_config_from_model(model, vocab, ids, dtype)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        generation = {**token_ids(tokenizer), "do_sample": False}
+        generation = generation_config(tokenizer_dir, ids)
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
         write_hf_tokenizer(tokenizer_dir, tmp, tokenizer, model.max_position_embeddings)
     return hf_dir

@@ -102,6 +102,7 @@ def model_overrides_from_hf(cfg: dict) -> dict:
         "activation": "fast-swiglu",
         "bias": False,
         "share_embeddings_and_output_weights": bool(cfg.get("tie_word_embeddings", False)),
+        "vocab_size": cfg["vocab_size"],  # may exceed the tokenizer's: rows kept as they are
         "make_vocab_size_divisible_by": vocab_divisor(cfg["vocab_size"]),
         "init_method_std": float(cfg.get("initializer_range", 0.02)),
     }

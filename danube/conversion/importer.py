@@ -14,6 +14,7 @@ weights or tokenizer, an existing <out_dir>) is reported before anything is writ
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 from typing import List
@@ -30,8 +31,9 @@ from danube.conversion.hf_config import (
     read_hf_config,
 )
 from danube.conversion.hf_files import HFWeights
+from danube.conversion.hf_tokenizer import TOKEN_ID_KEYS
 from danube.conversion.layout import HF_LAYER_KEYS, Geometry, hf_chunk, hf_layer_name
-from danube.data.tokenizer import load_tokenizer
+from danube.data.tokenizer import MODEL_TOKEN_IDS_FILE, load_tokenizer
 
 SCHEMA_DEFAULTS = "defaults:\n  - danube_pretrain_schema\n  - _self_\n\n"
 
@@ -99,8 +101,8 @@ def import_hf(hf_dir: Path, out_dir: Path) -> Path:
     """Convert; returns out_dir. Raises ConversionError (nothing written) on bad input."""
     from danube.conversion.mcore_files import single_process_world
     from danube.model.builder import build_model_chunks, on_meta_device, transformer_config
+    from danube.paths import CheckpointMeta
     from danube.training.checkpoint import save_checkpoint
-    from danube.training.checkpoint_dirs import CheckpointMeta
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir).resolve()
     cfg, weights, problems = _problems(hf_dir, out_dir)
@@ -112,8 +114,12 @@ def import_hf(hf_dir: Path, out_dir: Path) -> Path:
     pretrain = import_config(cfg, out_dir)
     m = pretrain.model
     with staged_output(out_dir) as tmp:
-        tokenizer = load_tokenizer(hf_dir)
-        tokenizer.save_pretrained(tmp / "tokenizer")  # its files, as they were
+        # Its files as they were (chat_template.jinja and generation_config.json included),
+        # and the model's special-token ids from config.json, which exports write back.
+        load_tokenizer(hf_dir).save_pretrained(tmp / "tokenizer")
+        ids = {key: cfg[key] for key in TOKEN_ID_KEYS if key in cfg}
+        (tmp / "tokenizer" / MODEL_TOKEN_IDS_FILE).write_text(json.dumps(ids, indent=2))
+        tokenizer = load_tokenizer(tmp / "tokenizer")
         with single_process_world():
             with on_meta_device():  # shapes only: the weights stream from HF into the writer
                 model = build_model_chunks(m, transformer_config(m, precision, use_te=False),

@@ -15,8 +15,8 @@ import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
+from danube.config.derived import EMBEDDED_PREFIX, parse_blend
 from danube.config.schema import DataConfig
-from danube.config.validate import EMBEDDED_PREFIX, parse_blend
 from danube.data.embedded import embedded_prefix
 from danube.data.tokenizer import Tokenizer
 

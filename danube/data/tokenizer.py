@@ -19,9 +19,14 @@ from tokenizers import Tokenizer as HFTokenizer
 # Llama/Danube ids for the first three (anchors.md: bos=1 eos=2 pad=0); the chat markers
 # of the H2O-Danube template are reserved so SFT data never splits them.
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|system|>", "<|prompt|>", "<|answer|>"]
-# Files of a Hugging Face tokenizer directory that travel with it.
+# Files of a Hugging Face tokenizer directory that travel with it: transformers 5 keeps the
+# chat template in chat_template.jinja; an import also records the source model's
+# generation_config.json and special-token ids (MODEL_TOKEN_IDS_FILE) there, so that every
+# checkpoint, and so every export, knows what the model was.
+MODEL_TOKEN_IDS_FILE = "model_token_ids.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "tokenizer.model")
+                   "tokenizer.model", "chat_template.jinja", "generation_config.json",
+                   MODEL_TOKEN_IDS_FILE)
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 
 

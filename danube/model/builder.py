@@ -28,6 +28,7 @@ from megatron.core.transformer.transformer_block import (
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch.overrides import TorchFunctionMode
 
+from danube.config.derived import padded_vocab_size
 from danube.config.schema import ModelConfig
 from danube.model.attention import SDPAttention
 from danube.model.norm import norm_class
@@ -71,6 +72,7 @@ def transformer_config(model: ModelConfig, precision: str, use_te: bool) -> Tran
         pipeline_model_parallel_size=model.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=model.virtual_pipeline_model_parallel_size,
         context_parallel_size=model.context_parallel_size,
+        cp_comm_type=model.cp_comm_type,
         sequence_parallel=model.sequence_parallel,
         normalization="RMSNorm" if model.normalization == "rmsnorm" else "LayerNorm",
         layernorm_epsilon=model.layernorm_epsilon,
@@ -128,12 +130,6 @@ def layer_spec(model: ModelConfig, config: TransformerConfig, use_te: bool, vp_s
     spec.submodules.self_attention.submodules.core_attention = attention
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=norm)
-
-
-def padded_vocab_size(vocab_size: int, model: ModelConfig) -> int:
-    """Megatron pads the vocabulary to a multiple of make_vocab_size_divisible_by x TP."""
-    multiple = model.make_vocab_size_divisible_by * model.tensor_model_parallel_size
-    return -(-vocab_size // multiple) * multiple
 
 
 def build_model_chunks(

@@ -147,6 +147,11 @@ class PrepTokenizerConfig:
     """Vocabulary size to train, special tokens included."""
     train_sample_mb: float = 100.0
     """Text (MB) sampled from the curated sources, in proportion to their weights, to train."""
+    add_bos: Optional[bool] = None
+    """Prepend the beginning-of-sequence token to every document, so that continued
+    pretraining of a Llama/Mistral model sees the format it sees at inference. null: what the
+    tokenizer's own config says (tokenizer_config.json `add_bos_token`; a SentencePiece .model
+    without one: true, as Llama 2 / Mistral); false for a tokenizer trained here."""
 
 
 @dataclass

@@ -33,6 +33,7 @@ from typing import Callable, Dict, List, Optional
 from omegaconf import OmegaConf
 
 from danube.config.validate import ConfigError
+from danube.data.tokenizer import load_tokenizer
 from danube.prepare import curate
 from danube.prepare.config import PrepareConfig, SourceConfig, prefix_of, validate_prepare
 from danube.prepare.report import format_report, source_report
@@ -68,9 +69,12 @@ class SourcePlan:
         self.costs = [sum(piece["size"] for piece in shard) for shard in shards]  # text bytes
         self.token_fp = ""
 
-    def set_tokenizer(self, tokenizer_fp: str, append_eod: bool) -> None:
+    def set_tokenizer(self, tokenizer_fp: str, append_eod: bool, add_bos: bool) -> None:
         self.tokenizer_fp = tokenizer_fp
-        self.token_fp = fingerprint([self.curation_fp, tokenizer_fp, append_eod])
+        self.add_bos = add_bos
+        # add_bos joins the fingerprint only when set, so outputs built before it stay valid
+        self.token_fp = fingerprint([self.curation_fp, tokenizer_fp, append_eod]
+                                    + (["bos"] if add_bos else []))
         self.tokens = self.work / f"tokens-{self.token_fp}"
 
 
@@ -82,6 +86,32 @@ def tokenizer_fingerprint(cfg: PrepareConfig, plans: List[SourcePlan]) -> str:
         return fingerprint(["load", hashlib.sha256(path.read_bytes()).hexdigest()])
     return fingerprint(["train", tok.vocab_size, tok.train_sample_mb,
                         [[p.src.name, p.src.weight, p.curation_fp] for p in plans]])
+
+
+def wants_bos(tok) -> bool:
+    """`tokenizer.add_bos`, or (null) what the tokenizer's own files say: tokenizer_config.json's
+    `add_bos_token` (Llama/Mistral: true); a SentencePiece .model without one: true (Llama 2 /
+    Mistral's convention); a tokenizer trained here or with no such key: false."""
+    if tok.add_bos is not None:
+        return tok.add_bos
+    if not tok.path:
+        return False
+    path = Path(tok.path)
+    config = (path if path.is_dir() else path.parent) / "tokenizer_config.json"
+    if config.is_file():
+        declared = json.loads(config.read_text()).get("add_bos_token")
+        if declared is not None:
+            return bool(declared)
+    return path.suffix == ".model"
+
+
+def _bos_problem(tok) -> List[str]:
+    if not tok.path or not wants_bos(tok) or not Path(tok.path).exists():
+        return []
+    if load_tokenizer(tok.path).bos is None:
+        return [f"tokenizer.add_bos: {tok.path} has no beginning-of-sequence token (<s>, "
+                "<|begin_of_text|>, <bos>); set tokenizer.add_bos=false"]
+    return []
 
 
 def plan_prepare(cfg: PrepareConfig) -> List[SourcePlan]:
@@ -97,9 +127,12 @@ def plan_prepare(cfg: PrepareConfig) -> List[SourcePlan]:
                 plans.append(SourcePlan(src, cfg, files,
                                         plan_shards(files, cfg.tokenization.shard_size_mb)))
     if not problems:
+        problems += _bos_problem(cfg.tokenizer)
+    if not problems:
         tokenizer_fp = tokenizer_fingerprint(cfg, plans)
+        add_bos = wants_bos(cfg.tokenizer)
         for plan in plans:
-            plan.set_tokenizer(tokenizer_fp, cfg.tokenization.append_eod)
+            plan.set_tokenizer(tokenizer_fp, cfg.tokenization.append_eod, add_bos)
         problems += output_problems(cfg, plans, tokenizer_fp)
     if problems:
         raise ConfigError(problems)
@@ -252,7 +285,7 @@ def curate_source(plan: SourcePlan, cfg: PrepareConfig, runner: Runner) -> List[
 def prepare_tokenizer(cfg: PrepareConfig, plans: List[SourcePlan], out: Path):
     """Load (and convert) or train the tokenizer; saved in HF format at <out>/tokenizer."""
     from danube.conversion.hf_tokenizer import write_hf_tokenizer
-    from danube.data.tokenizer import load_tokenizer, train_byte_level_bpe
+    from danube.data.tokenizer import train_byte_level_bpe
 
     target = out / "tokenizer"
     if cfg.tokenizer.path:
@@ -299,7 +332,7 @@ def tokenize_shard(task: dict) -> dict:
         reader = Reader(task["text_field"], task["on_error"])
         texts = (text for text, _ in reader.shard(task["pieces"]))
     result = tokenize_documents(texts, tokenizer, Path(task["prefix"]), task["append_eod"],
-                                task["batch_size"])
+                                task["batch_size"], task["add_bos"])
     if not task["curated"]:
         stats = {"documents_in": result["documents_out"], "read_errors": dict(reader.errors),
                  "documents_empty": reader.empty_documents}
@@ -313,7 +346,8 @@ def tokenize_tasks(plan: SourcePlan, cfg: PrepareConfig, tokenizer_path: Path) -
              "exact": "exact" in src.dedup, "minhash": "minhash" in src.dedup,
              "text_field": src.text_field, "on_error": cfg.on_error,
              "tokenizer": str(tokenizer_path), "prefix": str(plan.tokens / f"{i:05d}"),
-             "append_eod": tok.append_eod, "batch_size": tok.batch_size}
+             "append_eod": tok.append_eod, "add_bos": plan.add_bos,
+             "batch_size": tok.batch_size}
             for i, pieces in enumerate(plan.shards)]
 
 
@@ -403,6 +437,7 @@ def _outputs_exist(out: Path, name: str) -> bool:
 
 def _finish(cfg: PrepareConfig, out: Path, plans: List[SourcePlan], manifest: dict) -> dict:
     report = {"name": cfg.name, "output_dir": str(out),
+              "tokens": {"add_bos": plans[0].add_bos, "append_eod": cfg.tokenization.append_eod},
               "sources": {p.src.name: manifest["sources"][p.src.name]["report"] for p in plans}}
     _write_json(out / "report.json", report)
     (out / "prepare_config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))

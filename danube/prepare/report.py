@@ -59,6 +59,11 @@ def format_report(report: dict) -> str:
     rows.append(("documents out", [r["documents_out"] for r in sources.values()]))
     rows.append(("tokens out", [r["tokens_out"] for r in sources.values()]))
     rows.append(("weight", [r["weight"] for r in sources.values()]))
+    if "tokens" in report:
+        marks = report["tokens"]
+        rows.append(("BOS first / EOD last", [f"{'yes' if marks['add_bos'] else 'no'} / "
+                                               f"{'yes' if marks['append_eod'] else 'no'}"]
+                     * len(names)))
     width = max(len(label) for label, _ in rows) + 2
     cols = [max(len(n), 12) for n in names]
 

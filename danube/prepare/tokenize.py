@@ -38,16 +38,18 @@ def _batches(texts: Iterable[str], size: int) -> Iterator[List[str]]:
 
 
 def tokenize_documents(texts: Iterable[str], tokenizer: Tokenizer, shard: Path,
-                       append_eod: bool, batch_size: int) -> dict:
-    """Write <shard>.tokens and <shard>.lengths.npy (atomically): one document per text."""
+                       append_eod: bool, batch_size: int, add_bos: bool = False) -> dict:
+    """Write <shard>.tokens and <shard>.lengths.npy (atomically): one document per text,
+    [BOS] + its tokens + [EOD] as configured."""
     dtype = token_dtype(tokenizer.vocab_size)
     tmp_tokens = shard.with_name(f".tmp-{shard.name}.tokens")
     lengths: List[int] = []
     eod = [tokenizer.eod] if append_eod else []
+    bos = [tokenizer.bos] if add_bos else []
     with open(tmp_tokens, "wb") as out:
         for batch in _batches(texts, batch_size):
             # encode_batch_fast: no offsets; one tokenizer thread per worker process
-            ids = [e.ids + eod for e in tokenizer.hf.encode_batch_fast(
+            ids = [bos + e.ids + eod for e in tokenizer.hf.encode_batch_fast(
                 batch, add_special_tokens=False)]
             lengths += map(len, ids)
             out.write(np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype).tobytes())

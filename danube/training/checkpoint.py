@@ -26,10 +26,11 @@ import numpy as np
 import torch
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
 from megatron.core.utils import unwrap_model
 
-from danube.training.checkpoint_dirs import (
+from danube.paths import (
     CONFIG_FILE,
     META_FILE,
     TMP_PREFIX,
@@ -197,6 +198,37 @@ def prune_checkpoints(root: Path, keep: int, monitor: str) -> List[Path]:
     return removed
 
 
+EXTRA_STATE = "_extra_state"
+
+
+class CheckpointMismatch(RuntimeError):
+    """The checkpoint lacks weights the model needs (not just Transformer Engine extra state)."""
+
+
+def _is_extra_state(key: str) -> bool:
+    return key.split("/")[0].endswith(EXTRA_STATE)
+
+
+def _absent_weights(path: Path, keys) -> None:
+    absent = sorted(k for k in keys if not _is_extra_state(k))
+    if absent:
+        raise CheckpointMismatch(
+            f"{path} lacks {len(absent)} tensor(s) this model needs, e.g. {absent[:4]}: it was "
+            "written for another architecture (compare its config.yaml with this run's)")
+
+
+def _load_module(chunk, state: dict, path: Path) -> None:
+    """load_state_dict that lets Transformer Engine extra state (FP8 scaling metadata) stay
+    freshly initialised when the checkpoint has none (written by the local spec: CPU runs, HF
+    imports), and refuses any other missing entry."""
+    result = unwrap_model(chunk).load_state_dict(state, strict=False)
+    _absent_weights(path, result.missing_keys)
+    unexpected = [k for k in result.unexpected_keys if not _is_extra_state(k)]
+    if unexpected:
+        raise CheckpointMismatch(f"{path} holds tensors this model has no place for: "
+                                 f"{sorted(unexpected)[:4]}")
+
+
 def load_checkpoint(
     path: Path, model: List, optimizer=None, scheduler=None, distributed_optimizer: bool = False
 ) -> CheckpointMeta:
@@ -214,9 +246,14 @@ def load_checkpoint(
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=metadata)
         if same_layout:
             state["rng_state"] = _rng_state()
-    loaded = dist_checkpointing.load(state, str(path))
+    # Keys the model asks for that the checkpoint lacks come back as "unexpected" and are not
+    # read: TE's `_extra_state` when a TE-spec model loads a local-spec checkpoint. Keys only
+    # the checkpoint has (TE extra state, into a local-spec model) are never asked for.
+    loaded, _, not_in_checkpoint = dist_checkpointing.load(
+        state, str(path), strict=StrictHandling.RETURN_UNEXPECTED)
+    _absent_weights(path, not_in_checkpoint)
     for key, chunk in zip(_state_keys(model), model):
-        unwrap_model(chunk).load_state_dict(loaded[key])
+        _load_module(chunk, loaded[key], path)
     if full:
         # The distributed optimizer copies into fp32 main params that are views of leaves.
         with torch.no_grad():

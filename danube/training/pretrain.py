@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import List, Optional
 
@@ -11,21 +11,22 @@ import torch
 from megatron.core import parallel_state
 
 from danube.config.compose import to_yaml
-from danube.config.preflight import checkpoint_root, exp_dir
+from danube.config.derived import normalized_precision, num_microbatches, world_size
 from danube.config.schema import PretrainConfig
-from danube.config.validate import normalized_precision, num_microbatches, world_size
 from danube.data.embedded import embedded_tokenizer, ensure_embedded_corpus
 from danube.data.gpt import build_gpt_datasets, build_loader, gpt_dataset_config
 from danube.data.tokenizer import Tokenizer, load_tokenizer
 from danube.model.builder import build_model_chunks, transformer_config, uses_transformer_engine
-from danube.runtime import use_cuda
-from danube.training import checkpoint as ckpt
-from danube.training.checkpoint_dirs import (
+from danube.paths import (
     CheckpointMeta,
     checkpoint_dir_name,
+    checkpoint_root,
+    exp_dir,
     is_complete,
     latest_checkpoint,
 )
+from danube.runtime import PrecisionChoice, resolve_precision, use_cuda
+from danube.training import checkpoint as ckpt
 from danube.training.distributed import init_distributed, shutdown
 from danube.training.engine import (
     build_optimizer,
@@ -50,6 +51,7 @@ class Trainer:
     device: torch.device
     log: MetricsLogger
     tokenizer: Tokenizer
+    config_yaml: str = ""
     step: int = 0
     consumed_samples: int = 0
     last_val_loss: Optional[float] = None
@@ -61,6 +63,18 @@ def _is_rank0() -> bool:
 
 def _barrier() -> None:
     torch.distributed.barrier()
+
+
+def with_machine_precision(cfg: PretrainConfig):
+    """(cfg with trainer.precision resolved for this machine, the choice): `auto` becomes
+    bf16-mixed or 32 before anything is built, so the saved config says what ran."""
+    choice = resolve_precision(cfg.trainer.precision, use_cuda(cfg.trainer.accelerator))
+    return replace(cfg, trainer=replace(cfg.trainer, precision=choice.precision)), choice
+
+
+def config_yaml(cfg: PretrainConfig, choice: PrecisionChoice) -> str:
+    """The resolved config as saved (run directory and checkpoints), with why its precision."""
+    return f"# trainer.precision={choice.precision}: {choice.reason}\n" + to_yaml(cfg)
 
 
 def build_tokenizer(cfg: PretrainConfig):
@@ -88,23 +102,34 @@ def build_trainer(cfg: PretrainConfig, tokenizer: Tokenizer, corpus_dir) -> Trai
     optimizer = build_optimizer(m.optim, cfg.trainer.gradient_clip_val, config, model)
     scheduler = build_scheduler(m.optim, cfg.trainer.max_steps, optimizer)
     gbs, t = m.global_batch_size, cfg.trainer
-    cache_dir = Path(m.data.index_mapping_dir or exp_dir(cfg) / "index_cache")
+    cache_dir = Path(m.data.index_mapping_dir or exp_dir(cfg.exp_manager) / "index_cache")
     datasets = build_gpt_datasets(
         gpt_dataset_config(m.data, tokenizer, m.seed, cache_dir, corpus_dir),
         [t.max_steps * gbs, t.limit_val_batches * gbs, t.limit_test_batches * gbs],
     )
     shape = StepShape(num_microbatches(m, world_size(cfg)), m.micro_batch_size,
                       m.encoder_seq_length)
-    log = MetricsLogger(exp_dir(cfg), cfg.exp_manager.create_tensorboard_logger,
+    log = MetricsLogger(exp_dir(cfg.exp_manager), cfg.exp_manager.create_tensorboard_logger,
                         t.max_steps, enabled=_is_rank0())
     return Trainer(cfg, model, optimizer, scheduler, datasets, shape, device, log, tokenizer)
+
+
+def agreed_latest_checkpoint(root: Path) -> Optional[Path]:
+    """The newest complete checkpoint as rank 0 sees it, on every rank: nodes listing a shared
+    filesystem at slightly different moments must still load the same step. Collective."""
+    choice = [None]
+    if _is_rank0():
+        latest = latest_checkpoint(root)
+        choice = [None if latest is None else str(latest)]
+    torch.distributed.broadcast_object_list(choice, src=0)
+    return None if choice[0] is None else Path(choice[0])
 
 
 def restore(trainer: Trainer) -> None:
     """Resume from this experiment's newest checkpoint, else load restore_from_path weights."""
     cfg = trainer.cfg
     dist_opt = uses_distributed_optimizer(cfg.model.optim)
-    latest = latest_checkpoint(checkpoint_root(cfg))
+    latest = agreed_latest_checkpoint(checkpoint_root(cfg.exp_manager))
     if cfg.exp_manager.resume_if_exists and latest is not None:
         meta = ckpt.load_checkpoint(latest, trainer.model, trainer.optimizer, trainer.scheduler,
                                     dist_opt)
@@ -141,7 +166,7 @@ def _validate(trainer: Trainer, split: int, batches: int, name: str) -> Optional
 
 def _save(trainer: Trainer) -> None:
     cfg, m = trainer.cfg, trainer.cfg.model
-    root = checkpoint_root(cfg)
+    root = checkpoint_root(cfg.exp_manager)
     meta = CheckpointMeta(
         step=trainer.step, consumed_samples=trainer.consumed_samples,
         val_loss=trainer.last_val_loss,
@@ -150,7 +175,7 @@ def _save(trainer: Trainer) -> None:
                 "dp": parallel_state.get_data_parallel_world_size()},
     )
     path = ckpt.save_checkpoint(
-        root / checkpoint_dir_name(trainer.step), trainer.model, meta, to_yaml(cfg),
+        root / checkpoint_dir_name(trainer.step), trainer.model, meta, trainer.config_yaml,
         tokenizer=trainer.tokenizer, optimizer=trainer.optimizer, scheduler=trainer.scheduler,
         distributed_optimizer=uses_distributed_optimizer(m.optim))
     if _is_rank0():
@@ -189,19 +214,23 @@ def train_loop(trainer: Trainer) -> None:
             _save(trainer)
     # The last step, unless already saved (also step 0 with max_steps=0: initial weights).
     if cfg.exp_manager.checkpoint_callback_params.save_last and not is_complete(
-            checkpoint_root(cfg) / checkpoint_dir_name(trainer.step)):
+            checkpoint_root(cfg.exp_manager) / checkpoint_dir_name(trainer.step)):
         _save(trainer)
 
 
 def run_pretraining(cfg: PretrainConfig) -> None:
     """The whole job: set up, restore, train, test. Collective across the launch."""
+    cfg, precision = with_machine_precision(cfg)
     init_distributed(cfg.model, cfg.trainer.accelerator)
     try:
         tokenizer, corpus_dir = build_tokenizer(cfg)
         trainer = build_trainer(cfg, tokenizer, corpus_dir)
+        trainer.config_yaml = config_yaml(cfg, precision)
         if _is_rank0():
-            exp_dir(cfg).mkdir(parents=True, exist_ok=True)
-            (exp_dir(cfg) / "config.yaml").write_text(to_yaml(cfg))
+            exp_dir(cfg.exp_manager).mkdir(parents=True, exist_ok=True)
+            (exp_dir(cfg.exp_manager) / "config.yaml").write_text(trainer.config_yaml)
+        if precision.warning:
+            trainer.log.info(f"warning: {precision.warning}")
         restore(trainer)
         m = cfg.model
         params = sum(p.numel() for chunk in trainer.model for p in chunk.parameters())
@@ -209,7 +238,8 @@ def run_pretraining(cfg: PretrainConfig) -> None:
         trainer.log.info(
             f"training {cfg.name}: {params / 1e6:.2f}M parameters on rank 0, "
             f"{'Transformer Engine' if uses_transformer_engine(m) else 'local'} layers, "
-            f"precision {cfg.trainer.precision}, TP {m.tensor_model_parallel_size} "
+            f"precision {cfg.trainer.precision} ({precision.reason}), "
+            f"TP {m.tensor_model_parallel_size} "
             f"PP {m.pipeline_model_parallel_size} DP {dp}"
             f"; step {trainer.step} -> {cfg.trainer.max_steps}, "
             f"{trainer.shape.num_microbatches} micro-batch(es) of "

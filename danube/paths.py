@@ -1,7 +1,8 @@
-"""Checkpoint directory layout: which checkpoints exist and which is complete.
+"""Where a run's files live, and which checkpoints exist and are complete.
 
-Filesystem only (no megatron-core), so the launch preflight can use it cheaply.
-See `danube.training.checkpoint` for the layout and the atomic save.
+Filesystem only (no megatron-core, nothing from config/ or training/), so the launch
+preflight, the training loop and the converters share it cheaply. See
+`danube.training.checkpoint` for the checkpoint layout and the atomic save.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 META_FILE = "danube_checkpoint.json"
 CONFIG_FILE = "config.yaml"
@@ -28,6 +29,15 @@ class CheckpointMeta:
     optimizer_sharding: Optional[str] = None
     """distrib_optim_sharding_type of the distributed optimizer state, if any."""
     saved_at: float = 0.0
+
+
+def exp_dir(exp_manager) -> Path:
+    """<exp_dir>/<name> of an `exp_manager` section: the run's directory."""
+    return Path(exp_manager.exp_dir) / exp_manager.name
+
+
+def checkpoint_root(exp_manager) -> Path:
+    return exp_dir(exp_manager) / "checkpoints"
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -61,8 +71,6 @@ def latest_checkpoint(root: Path) -> Optional[Path]:
     return found[-1][1] if found else None
 
 
-
-
 # What megatron-core's torch_dist format always writes, besides the .distcp shards.
 _DIST_FILES = ("metadata.json", "common.pt", ".metadata")
 
@@ -79,3 +87,12 @@ def checkpoint_problem(path: Path) -> Optional[str]:
     if missing:
         return f"{path} lacks {', '.join(missing)}: not a whole danube checkpoint"
     return None
+
+
+def checkpoint_tensor_shapes(path: Path) -> Dict[str, Tuple[int, ...]]:
+    """Global shape of every tensor in a checkpoint, from its DCP metadata (no tensor read).
+    Keys are megatron-core's sharded keys, e.g. `embedding.word_embeddings.weight`."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return {key: tuple(item.size) for key, item in metadata.items() if hasattr(item, "size")}

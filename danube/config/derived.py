@@ -1,0 +1,85 @@
+"""Quantities derived from a config: world and batch arithmetic, the data blend, the padded
+vocabulary. Pure functions of the config, used by the checks (`validate`, `preflight`) and by
+the code that builds the run alike; no checks here.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import List, Optional, Tuple
+
+from danube.config.schema import DataConfig, ModelConfig, PretrainConfig
+
+EMBEDDED_PREFIX = "embedded:"
+EMBEDDED_SOURCES = ("prose", "code")
+
+
+def normalized_precision(precision: str) -> str:
+    """'32' or 'bf16' (bf16 and bf16-mixed mean the same: bf16 compute, fp32 main weights).
+    `auto` depends on the machine: resolve it first (`runtime.resolve_precision`)."""
+    if str(precision) == "auto":
+        raise ValueError("trainer.precision=auto must be resolved for this machine first")
+    return "32" if str(precision) in ("32", "32-true") else "bf16"
+
+
+def world_size(cfg: PretrainConfig) -> int:
+    return cfg.trainer.devices * cfg.trainer.num_nodes
+
+
+def data_parallel_size(model: ModelConfig, world: int) -> int:
+    model_parallel = (
+        model.tensor_model_parallel_size
+        * model.pipeline_model_parallel_size
+        * model.context_parallel_size
+    )
+    return max(world // max(model_parallel, 1), 1)
+
+
+def num_microbatches(model: ModelConfig, world: int) -> int:
+    """Gradient-accumulation steps per optimizer step on each data-parallel rank."""
+    return model.global_batch_size // (model.micro_batch_size * data_parallel_size(model, world))
+
+
+def parse_blend(prefixes) -> Tuple[Optional[List[str]], Optional[List[float]], List[str]]:
+    """NeMo `data_prefix` list -> (paths, weights or None, problems)."""
+    if not isinstance(prefixes, (list, tuple)) or not prefixes:
+        return None, None, ["must be a non-empty list"]
+    if len(prefixes) == 1:
+        if not isinstance(prefixes[0], str):
+            return None, None, [f"a single entry must be a path prefix, got {prefixes[0]!r}"]
+        return [prefixes[0]], None, []
+    if len(prefixes) % 2:
+        return None, None, ["a blend alternates weight, prefix: it needs an even length"]
+    weights, paths = list(prefixes[0::2]), list(prefixes[1::2])
+    problems = []
+    for w in weights:
+        if isinstance(w, bool) or not isinstance(w, numbers.Real) or w <= 0:
+            problems.append(f"weight {w!r} must be a positive number")
+    for p in paths:
+        if not isinstance(p, str):
+            problems.append(f"prefix {p!r} must be a string")
+    if problems:
+        return None, None, problems
+    return paths, [float(w) for w in weights], []
+
+
+def blend_paths(data: DataConfig) -> List[str]:
+    """Every prefix the config names, in all splits (empty if malformed)."""
+    prefix = data.data_prefix
+    groups = list(prefix.values()) if isinstance(prefix, dict) else [prefix]
+    paths: List[str] = []
+    for group in groups:
+        if group is not None:
+            parsed, _, _ = parse_blend(group)
+            paths += parsed or []
+    return paths
+
+
+def padded_vocab_size(tokenizer_vocab: int, model: ModelConfig) -> int:
+    """Rows of the embedding and the LM head: the model's vocabulary (`model.vocab_size`, else
+    the tokenizer's) rounded up to a multiple of `make_vocab_size_divisible_by`. It depends on
+    the config alone, never on TP (megatron-LM pads to divisor x TP, so a TP=1 checkpoint of
+    vocab 32000 would not load at TP=4): `validate` requires TP to divide the divisor."""
+    rows = model.vocab_size or tokenizer_vocab
+    multiple = model.make_vocab_size_divisible_by
+    return -(-rows // multiple) * multiple
