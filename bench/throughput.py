@@ -58,7 +58,7 @@ def _setup(overrides):
         "exp_manager.resume_if_exists=false", f"exp_manager.exp_dir={os.environ['BENCH_DIR']}",
     ])
     check_launch(cfg)
-    from danube.training.pretrain import with_machine_precision
+    from danube.training.loop import with_machine_precision
 
     return with_machine_precision(cfg)[0]
 
@@ -67,19 +67,20 @@ def run_danube(overrides, steps, warmup, precision: str):
     import torch
 
     from danube.training.distributed import init_distributed
-    from danube.training.pretrain import build_tokenizer, build_trainer, data_iterators
+    from danube.training.loop import build_trainer
+    from danube.training.pretrain import build_tokenizer, pretraining_recipe
     from danube.training.step import train_step
 
     cfg = _setup([*overrides, f"trainer.precision={precision}"])
     init_distributed(cfg.model, cfg.trainer.accelerator)
     tokenizer, corpus = build_tokenizer(cfg)
-    trainer = build_trainer(cfg, tokenizer, corpus)
-    iterators = data_iterators(trainer, 0, 0)
+    trainer = build_trainer(cfg, tokenizer, tokenizer.vocab_size)
+    batches = pretraining_recipe(cfg, tokenizer, corpus).train_steps(0, warmup + steps, 0)
     times = []
-    for _ in range(warmup + steps):
+    for data in batches:
         start = time.perf_counter()
-        loss, _, _ = train_step(trainer.model, trainer.optimizer, trainer.scheduler, iterators,
-                                trainer.shape, trainer.device)
+        loss, _, _ = train_step(trainer.model, trainer.optimizer, trainer.scheduler,
+                                data.micro_batches, trainer.device)
         if trainer.device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
@@ -92,15 +93,13 @@ def run_hf(overrides, steps, warmup, bf16: bool):
     from transformers import MistralConfig, MistralForCausalLM
 
     from danube.training.distributed import init_distributed
-    from danube.training.pretrain import build_tokenizer, build_trainer, data_iterators
+    from danube.training.pretrain import build_tokenizer, pretraining_recipe
 
     cfg = _setup(overrides)
     m = cfg.model
     init_distributed(m, cfg.trainer.accelerator)
     tokenizer, corpus = build_tokenizer(cfg)
-    data = build_trainer(cfg, tokenizer, corpus)  # for its datasets and batch shape only
-    iterator = data_iterators(data, 0, 0)[0]
-    del data.model, data.optimizer
+    batches = pretraining_recipe(cfg, tokenizer, corpus).train_steps(0, warmup + steps, 0)
     parallel_state.destroy_model_parallel()
     device = "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu"
     hf_config = MistralConfig(
@@ -114,16 +113,15 @@ def run_hf(overrides, steps, warmup, bf16: bool):
     optimizer = torch.optim.AdamW(model.parameters(), lr=m.optim.lr, betas=tuple(m.optim.betas),
                                   weight_decay=m.optim.weight_decay, eps=m.optim.eps)
     times = []
-    for _ in range(warmup + steps):
+    for data in batches:
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        for _ in range(data.shape.num_microbatches):
-            batch = next(iterator)
+        for batch in data.micro_batches:
             with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
                 logits = model(input_ids=batch["tokens"].to(device)).logits
             loss = torch.nn.functional.cross_entropy(
                 logits.float().flatten(0, 1), batch["labels"].to(device).flatten())
-            (loss / data.shape.num_microbatches).backward()
+            (loss / len(data.micro_batches)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer.gradient_clip_val)
         optimizer.step()
         if device == "cuda":

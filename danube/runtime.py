@@ -48,6 +48,17 @@ def hide_cuda_for(accelerator: str) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
+def pop_dry_run(argv: list) -> int:
+    """Remove `--dry-run N` from argv (Hydra would refuse it); N, or 0 when absent."""
+    if "--dry-run" not in argv:
+        return 0
+    at = argv.index("--dry-run")
+    given = at + 1 < len(argv) and argv[at + 1].isdigit()
+    value = int(argv[at + 1]) if given else 2
+    del argv[at:at + (2 if given else 1)]
+    return value
+
+
 def use_cuda(accelerator: str) -> bool:
     return accelerator != "cpu" and torch.cuda.is_available()
 

@@ -177,7 +177,7 @@ def test_a_checkpoint_missing_real_weights_is_refused(tmp_path, megatron_world):
 def _agree_worker(rank: int, roots: list, port: int, out: str) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
                                          rank=rank, world_size=2)
-    from danube.training.pretrain import agreed_latest_checkpoint
+    from danube.training.loop import agreed_latest_checkpoint
 
     chosen = agreed_latest_checkpoint(Path(roots[rank]))
     Path(out, f"chosen{rank}").write_text(str(chosen))

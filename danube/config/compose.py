@@ -16,12 +16,14 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
-from danube.config.schema import PretrainConfig
+from danube.config.schema import ModelConfig, PretrainConfig, SFTConfig
 
 SCHEMA_NAME = "danube_pretrain_schema"
 PREPARE_SCHEMA_NAME = "danube_prepare_schema"
+SFT_SCHEMA_NAME = "danube_sft_schema"
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 DATA_CONFIG_DIR = CONFIG_DIR / "data"
+SFT_CONFIG_DIR = CONFIG_DIR / "sft"
 
 # NeMo's hydra_runner does the same: no outputs/ directory, no chdir, no logging takeover.
 _HYDRA_DEFAULT_OVERRIDES = [
@@ -39,6 +41,7 @@ def register_schemas() -> None:
 
     ConfigStore.instance().store(name=SCHEMA_NAME, node=PretrainConfig)
     ConfigStore.instance().store(name=PREPARE_SCHEMA_NAME, node=PrepareConfig)
+    ConfigStore.instance().store(name=SFT_SCHEMA_NAME, node=SFTConfig)
 
 
 def hydra_runner(config_name: str, config_path: Optional[str] = None) -> Callable:
@@ -73,6 +76,37 @@ def to_pretrain_config(cfg: DictConfig) -> PretrainConfig:
             f"must start with '{SCHEMA_NAME}'"
         )
     return obj
+
+
+def to_sft_config(cfg: DictConfig) -> SFTConfig:
+    """Resolve interpolations and return the typed SFT dataclass."""
+    obj = OmegaConf.to_object(cfg)
+    if not isinstance(obj, SFTConfig):
+        raise TypeError(f"config composed to {type(obj).__name__}, not SFTConfig: its defaults "
+                        f"list must start with '{SFT_SCHEMA_NAME}'")
+    return obj
+
+
+def compose_sft_config(config_name: str, overrides: Optional[List[str]] = None,
+                       config_dir: Optional[str] = None) -> SFTConfig:
+    """Compose a configs/sft/ config like launchers/sft.py does (before the checkpoint's
+    architecture is read: see `danube.config.finetune`)."""
+    register_schemas()
+    GlobalHydra.instance().clear()
+    with hydra.initialize_config_dir(config_dir=str(config_dir or SFT_CONFIG_DIR),
+                                     version_base=None):
+        cfg = hydra.compose(config_name=config_name, overrides=list(overrides or []))
+    return to_sft_config(cfg)
+
+
+def load_model_config(path: os.PathLike) -> ModelConfig:
+    """The model section of any saved danube config (pretraining, SFT, ...) as a ModelConfig:
+    architecture, parallelism and the rest; stage-specific keys (SFT data, ...) dropped."""
+    loaded = OmegaConf.load(path).get("model", {})
+    known = {k: v for k, v in OmegaConf.to_container(loaded).items()
+             if k in ModelConfig.__dataclass_fields__ and k != "data"}
+    merged = OmegaConf.merge(OmegaConf.structured(PretrainConfig), {"model": known})
+    return OmegaConf.to_object(merged).model
 
 
 def to_prepare_config(cfg: DictConfig):

@@ -13,9 +13,9 @@ from typing import List, Optional
 
 import torch
 
-from danube.config.compose import load_yaml_config
+from danube.config.compose import load_model_config
 from danube.config.derived import EMBEDDED_PREFIX, blend_paths, padded_vocab_size, world_size
-from danube.config.schema import PretrainConfig
+from danube.config.schema import PretrainConfig, SFTConfig
 from danube.data.indexed import (
     documents_for_splits,
     empty_splits,
@@ -72,10 +72,16 @@ def _check_machine(cfg: PretrainConfig, machine: Machine, problems: List[str]) -
         problems.append("model.context_parallel_size > 1 needs Transformer Engine's attention "
                         "on a CUDA GPU; set it to 1 here")
     te_attention = gpu_te and m.transformer_engine and m.attention_backend not in ("sdpa", "local")
-    if m.data.reset_attention_mask and te_attention:
+    if getattr(m.data, "reset_attention_mask", False) and te_attention:
         problems.append("model.data.reset_attention_mask=true: Transformer Engine's causal "
                         f"attention (model.attention_backend={m.attention_backend}) ignores the "
                         "attention mask; use model.attention_backend=sdpa, or set it to false")
+    packed = getattr(getattr(m.data, "train_ds", None), "packed_sequence", False)
+    if packed and te_attention:
+        problems.append("model.data.train_ds.packed_sequence=true isolates conversations with an "
+                        "attention mask, which Transformer Engine's causal attention "
+                        f"(model.attention_backend={m.attention_backend}) ignores: use "
+                        "model.attention_backend=sdpa (THD packing through TE is not wired yet)")
     if m.attention_backend in ("flash", "fused", "unfused") and not gpu_te:
         problems.append(f"model.attention_backend={m.attention_backend} is a Transformer Engine "
                         "backend, unavailable here; use auto, sdpa or local")
@@ -154,7 +160,9 @@ def _check_checkpoints(cfg: PretrainConfig, problems: List[str]) -> None:
     restore = cfg.model.restore_from_path
     if restore and not is_complete(Path(restore)):
         problems.append(f"model.restore_from_path={restore} is not a complete danube checkpoint "
-                        f"(a step_* directory holding danube_checkpoint.json)")
+                        "(a step_* directory holding danube_checkpoint.json; SFT also takes a "
+                        "run directory: its newest checkpoint. `make demo` pretrains danube_tiny "
+                        "first)")
     resuming = latest is not None and em.resume_if_exists
     source = latest if resuming else (
         Path(restore) if restore and is_complete(Path(restore)) else None)
@@ -172,7 +180,7 @@ def _check_checkpoint_content(cfg: PretrainConfig, source: Path, resuming: bool,
         problems.append(f"checkpoint {problem}; {fix}")
         return
     try:
-        saved = load_yaml_config(source / CONFIG_FILE).model
+        saved = load_model_config(source / CONFIG_FILE)
     except Exception as error:  # an unreadable or foreign config is reported, not raised
         problems.append(f"{source / CONFIG_FILE} does not parse as a danube config: {error}")
         return
@@ -212,10 +220,31 @@ def _check_embedding_rows(m, source: Path, problems: List[str]) -> None:
             f"so that they give {rows[0]}")
 
 
-def preflight(cfg: PretrainConfig, machine: Machine) -> List[str]:
-    """Every launch-time problem (never raises, never writes)."""
+def _check_sft_files(cfg: SFTConfig, problems: List[str]) -> None:
+    from danube.data.embedded_chat import EMBEDDED_CHAT
+
+    m = cfg.model
+    for split in ("train_ds", "validation_ds"):
+        file_path = getattr(m.data, split).file_path
+        paths = [] if file_path is None else (
+            [file_path] if isinstance(file_path, str) else list(file_path))
+        for path in paths:
+            if path not in EMBEDDED_CHAT and not Path(path).is_file():
+                problems.append(f"model.data.{split}.file_path: {path} not found (a JSONL file "
+                                "of conversations)")
+    _check_vocab(m, problems)
+    if m.tokenizer.model and tokenizer_vocab_size(m) is None:
+        problems.append(f"model.tokenizer.model={m.tokenizer.model}: no tokenizer.json there")
+
+
+def preflight(cfg, machine: Machine) -> List[str]:
+    """Every launch-time problem of a pretraining or SFT launch (never raises, never
+    writes)."""
     problems: List[str] = []
     _check_machine(cfg, machine, problems)
-    _check_files(cfg, problems)
+    if isinstance(cfg, SFTConfig):
+        _check_sft_files(cfg, problems)
+    else:
+        _check_files(cfg, problems)
     _check_checkpoints(cfg, problems)
     return problems

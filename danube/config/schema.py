@@ -259,3 +259,100 @@ class PretrainConfig:
     """Output directory, checkpoints, resume."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """Architecture, parallelism, data, optimizer."""
+
+
+# --- Supervised fine-tuning (NeMo-Aligner's gpt_sft.yaml names) --------------------------------
+
+
+@dataclass
+class SFTTrainerConfig(TrainerConfig):
+    max_epochs: Optional[int] = None
+    """Passes over train_ds; training stops at max_steps or max_epochs, whichever comes first
+    (max_steps=-1: epochs alone)."""
+
+
+@dataclass
+class ChatPromptTokensConfig:
+    """NeMo's fixed chat template: {system_turn_start}System{end_of_name}{system}{end_of_turn},
+    then {turn_start}{User|Assistant}{end_of_name}{text}{end_of_turn} per turn."""
+
+    system_turn_start: str = "<extra_id_0>"
+    turn_start: str = "<extra_id_1>"
+    label_start: str = "<extra_id_2>"
+    end_of_turn: str = "\n"
+    end_of_name: str = "\n"
+
+
+@dataclass
+class SFTDatasetConfig:
+    file_path: Any = None
+    """JSONL file (or list of files); `embedded:chat` / `embedded:chat_validation` name the
+    built-in stdlib instruction set. null: no such split."""
+    global_batch_size: int = "${model.global_batch_size}"  # type: ignore[assignment]
+    """Conversations per optimizer step (packed or not)."""
+    micro_batch_size: int = "${model.micro_batch_size}"  # type: ignore[assignment]
+    """Rows per forward pass (a row holds one conversation, or several when packed)."""
+    shuffle: bool = True
+    """Reshuffle the conversations every epoch (seeded by model.seed)."""
+    drop_last: bool = True
+    """Drop the last incomplete global batch of an epoch (true only, as NeMo-Aligner)."""
+    max_seq_length: int = "${model.encoder_seq_length}"  # type: ignore[assignment]
+    """Tokens per row; longer conversations are cut by truncation_method."""
+    min_seq_length: int = 1
+    """Conversations with fewer tokens are dropped (and counted)."""
+    label_key: str = "output"
+    """Answer field of prompt-response records."""
+    add_eos: bool = True
+    """End a prompt-response answer with the end-of-sequence token (trained)."""
+    add_bos: bool = False
+    """Start every sample with the beginning-of-sequence token."""
+    truncation_field: str = "input"
+    """Prompt-response: the field cut first when too long (only `input` is supported)."""
+    truncation_method: str = "right"
+    """right: keep the start, cut the end | left: keep the end."""
+    prompt_template: str = "{input} {output}"
+    """Prompt-response rendering; the answer field must come last."""
+    packed_sequence: bool = False
+    """Pack several conversations per row within each global batch, each isolated."""
+
+
+@dataclass
+class SFTDataConfig:
+    chat: bool = True
+    """Chat records (messages or NeMo conversations) rendered with a chat template; false:
+    prompt-response records with prompt_template."""
+    chat_prompt_tokens: Optional[ChatPromptTokensConfig] = None
+    """NeMo's fixed template tokens; null: the tokenizer's chat template, else H2O-Danube's."""
+    train_ds: SFTDatasetConfig = field(default_factory=SFTDatasetConfig)
+    """Training conversations."""
+    validation_ds: SFTDatasetConfig = field(
+        default_factory=lambda: SFTDatasetConfig(shuffle=False))
+    """Validation conversations (val_loss over answer tokens)."""
+    on_error: str = "raise"
+    """raise: stop at the first bad record, naming file and line | skip: count and go on."""
+    embedded_cache_dir: Optional[str] = None
+    """Cache of the embedded data; default $DANUBE_CACHE or ~/.cache/danube."""
+
+
+@dataclass
+class SFTModelConfig(ModelConfig):
+    """The architecture keys are read from the checkpoint SFT starts from (restore_from_path);
+    set them only to repeat what it has."""
+
+    answer_only_loss: bool = True
+    """Train on answer tokens only (each answer's end-of-turn token included); false: every
+    token of the conversation."""
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)  # type: ignore[assignment]
+    """Fine-tuning data."""
+
+
+@dataclass
+class SFTConfig:
+    name: str = "danube_sft"
+    """Config name, for the logs."""
+    trainer: SFTTrainerConfig = field(default_factory=SFTTrainerConfig)
+    """Run length (steps or epochs), precision, logging cadence."""
+    exp_manager: ExpManagerConfig = field(default_factory=ExpManagerConfig)
+    """Output directory, checkpoints, resume."""
+    model: SFTModelConfig = field(default_factory=SFTModelConfig)
+    """Starting checkpoint, parallelism, data, optimizer."""

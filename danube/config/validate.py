@@ -18,7 +18,7 @@ from danube.config.derived import (
     parse_blend,
     world_size,
 )
-from danube.config.schema import ModelConfig, PretrainConfig
+from danube.config.schema import ModelConfig, PretrainConfig, SFTConfig
 
 PRECISIONS = ("auto", "32", "bf16", "bf16-mixed")
 
@@ -55,8 +55,14 @@ def _check_trainer(cfg: PretrainConfig, problems: List[str]) -> None:
     _check_choice(problems, "trainer.accelerator", t.accelerator, ("auto", "gpu", "cpu"))
     _check_positive(problems, "trainer", t, ["devices", "num_nodes", "val_check_interval",
                                              "log_every_n_steps"])
-    _check_positive(problems, "trainer", t, ["max_steps", "limit_val_batches",
-                                             "limit_test_batches"], minimum=0)
+    by_epochs = getattr(t, "max_epochs", None) is not None
+    _check_positive(problems, "trainer", t, ["limit_val_batches", "limit_test_batches"],
+                    minimum=0)
+    if t.max_steps < 0 and not (by_epochs and t.max_steps == -1):
+        problems.append(f"trainer.max_steps={t.max_steps} must be >= 0"
+                        + (" (or -1 with trainer.max_epochs)" if hasattr(t, "max_epochs") else ""))
+    if by_epochs and t.max_epochs < 1:
+        problems.append(f"trainer.max_epochs={t.max_epochs} must be >= 1 (null: max_steps alone)")
     if t.gradient_clip_val < 0:
         problems.append(f"trainer.gradient_clip_val={t.gradient_clip_val} must be >= 0 (0 = off)")
     ckpt = cfg.exp_manager.checkpoint_callback_params
@@ -97,7 +103,7 @@ def _check_architecture(m: ModelConfig, problems: List[str]) -> None:
     if m.encoder_seq_length > m.max_position_embeddings:
         problems.append(f"model.encoder_seq_length={m.encoder_seq_length} exceeds "
                         f"max_position_embeddings={m.max_position_embeddings}; raise the latter")
-    if m.data.seq_length != m.encoder_seq_length:
+    if hasattr(m.data, "seq_length") and m.data.seq_length != m.encoder_seq_length:
         problems.append(f"model.data.seq_length={m.data.seq_length} must equal "
                         f"model.encoder_seq_length={m.encoder_seq_length}")
     if m.window_size is not None and not 1 <= m.window_size <= m.max_position_embeddings:
@@ -209,7 +215,7 @@ def _check_optim(cfg: PretrainConfig, problems: List[str]) -> None:
     horizon = o.sched.max_steps or cfg.trainer.max_steps
     if o.sched.warmup_steps < 0 or o.sched.constant_steps < 0:
         problems.append("model.optim.sched.warmup_steps and constant_steps must be >= 0")
-    elif o.sched.warmup_steps + o.sched.constant_steps > horizon:
+    elif horizon >= 0 and o.sched.warmup_steps + o.sched.constant_steps > horizon:
         problems.append(f"model.optim.sched: warmup_steps ({o.sched.warmup_steps}) + "
                         f"constant_steps ({o.sched.constant_steps}) exceed the decay horizon "
                         f"({horizon} steps); shorten them or raise trainer.max_steps")
@@ -286,13 +292,51 @@ def _check_split_use(cfg: PretrainConfig, shares: dict, problems: List[str]) -> 
                             f"a share or set {keys[split]}=0")
 
 
-def validate(cfg: PretrainConfig) -> List[str]:
-    """Every problem of the config, as 'key=value: what is wrong; the fix' lines."""
+def _check_sft_data(cfg: SFTConfig, problems: List[str]) -> None:
+    m, data = cfg.model, cfg.model.data
+    if not m.restore_from_path:
+        problems.append("model.restore_from_path is required: the checkpoint (or run directory) "
+                        "SFT starts from")
+    if not data.train_ds.file_path:
+        problems.append("model.data.train_ds.file_path is required: a JSONL file (or list), or "
+                        "embedded:chat")
+    _check_choice(problems, "model.data.on_error", data.on_error, ("raise", "skip"))
+    for split in ("train_ds", "validation_ds"):
+        ds, key = getattr(data, split), f"model.data.{split}"
+        _check_choice(problems, f"{key}.truncation_method", ds.truncation_method,
+                      ("right", "left"))
+        if ds.truncation_field != "input":
+            problems.append(f"{key}.truncation_field={ds.truncation_field!r}: only 'input' is "
+                            "supported (the prompt side is cut first)")
+        if not ds.drop_last:
+            problems.append(f"{key}.drop_last=false is not supported (as in NeMo-Aligner): "
+                            "every global batch is whole")
+        if ds.max_seq_length != m.encoder_seq_length:
+            problems.append(f"{key}.max_seq_length={ds.max_seq_length} must equal "
+                            f"model.encoder_seq_length={m.encoder_seq_length} (the row length)")
+        _check_positive(problems, key, ds, ["global_batch_size", "micro_batch_size",
+                                            "min_seq_length"])
+        if not data.chat and "{" + ds.label_key + "}" not in ds.prompt_template:
+            problems.append(f"{key}.prompt_template={ds.prompt_template!r} lacks "
+                            f"{{{ds.label_key}}} (label_key)")
+    ds = data.train_ds
+    if (ds.global_batch_size, ds.micro_batch_size) != (m.global_batch_size, m.micro_batch_size):
+        problems.append(f"model.data.train_ds global/micro batch sizes ({ds.global_batch_size}/"
+                        f"{ds.micro_batch_size}) must equal model.global_batch_size/"
+                        f"micro_batch_size ({m.global_batch_size}/{m.micro_batch_size})")
+
+
+def validate(cfg) -> List[str]:
+    """Every problem of the config (pretraining or SFT), as 'key=value: what is wrong; the fix'
+    lines."""
     problems: List[str] = []
     _check_trainer(cfg, problems)
     _check_architecture(cfg.model, problems)
     _check_parallelism(cfg, problems)
     _check_fp8(cfg, problems)
     _check_optim(cfg, problems)
-    _check_data(cfg, problems)
+    if isinstance(cfg, SFTConfig):
+        _check_sft_data(cfg, problems)
+    else:
+        _check_data(cfg, problems)
     return problems

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from danube.config.compose import load_yaml_config
+from danube.config.compose import load_model_config
 from danube.conversion import ConversionError, output_problem, staged_output
 from danube.conversion.hf_config import export_problems, hf_config_from_model
 from danube.conversion.hf_files import ShardedSafetensorsWriter
@@ -33,7 +33,7 @@ def _problems(ckpt: Path, hf_dir: Path, tokenizer_dir: Path):
         problems.append(f"{problem} (give a checkpoint directory, e.g. "
                         "results/<name>/checkpoints/step_00000100)")
     else:
-        model = load_yaml_config(ckpt / CONFIG_FILE).model
+        model = load_model_config(ckpt / CONFIG_FILE)
         problems += export_problems(model)
     if not (tokenizer_dir / "tokenizer.json").is_file():
         problems.append(f"no tokenizer.json in {tokenizer_dir}: pass --tokenizer <directory>")

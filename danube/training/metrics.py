@@ -49,12 +49,16 @@ class MetricsLogger:
                     self.tb.add_scalar(key, value, record["step"])
 
     def log_train(self, step: int, loss: float, lr: float, grad_norm: Optional[float],
-                  tokens_per_s: float, step_time: float, consumed_samples: int) -> None:
+                  tokens_per_s: float, step_time: float, consumed_samples: int,
+                  trained_tokens: Optional[int] = None) -> None:
+        """tokens_per_s counts trained tokens when the recipe masks some (SFT)."""
         if not self.enabled:
             return
         record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                   "tokens_per_s": tokens_per_s, "step_time_s": step_time,
                   "consumed_samples": consumed_samples}
+        if trained_tokens is not None:
+            record["trained_tokens"] = trained_tokens
         self._write(record)
         norm = "n/a" if grad_norm is None else f"{grad_norm:.3f}"
         print(f"step {step}/{self.max_steps} | loss {loss:.4f} | lr {lr:.3e} | grad_norm {norm}"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
 from typing import Iterator, List, Optional
 
@@ -10,13 +9,6 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_batch_on_this_cp_rank
-
-
-@dataclass
-class StepShape:
-    num_microbatches: int
-    micro_batch_size: int
-    seq_length: int
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -60,45 +52,49 @@ def _reduce_losses(losses: List[dict], device: torch.device) -> float:
     return (total[0] / total[1].clamp(min=1)).item()
 
 
-def _run_schedule(model: List, iterators: List[Iterator], shape: StepShape, device: torch.device,
+def _run_schedule(model: List, micro_batches: List[dict], device: torch.device,
                   forward_only: bool) -> List[dict]:
-    """One global batch through megatron's schedule for the parallel layout (no pipelining,
-    1F1B, or interleaved); returns the last stage's per-micro-batch loss reports."""
+    """One global batch (this rank's micro-batches) through megatron's schedule for the
+    parallel layout (no pipelining, 1F1B, or interleaved); returns the last stage's
+    per-micro-batch loss reports. Every model chunk reads the same micro-batches (the
+    interleaved schedule pulls from each chunk's iterator)."""
+    micro_batch_size, seq_length = micro_batches[0]["tokens"].shape  # [b, s]
+    iterators: List[Iterator] = [iter(micro_batches) for _ in model]
     return get_forward_backward_func()(
         forward_step_func=partial(forward_step, device),
         data_iterator=iterators if len(iterators) > 1 else iterators[0],
         model=model,
-        num_microbatches=shape.num_microbatches,
-        seq_length=shape.seq_length,
-        micro_batch_size=shape.micro_batch_size,
-        decoder_seq_length=shape.seq_length,
+        num_microbatches=len(micro_batches),
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        decoder_seq_length=seq_length,
         forward_only=forward_only,
     )
 
 
-def train_step(model: List, optimizer, scheduler, iterators: List[Iterator], shape: StepShape,
+def train_step(model: List, optimizer, scheduler, micro_batches: List[dict],
                device: torch.device):
-    """Forward/backward over all micro-batches, then one optimizer step at the scheduler's
-    next learning rate. Returns (loss, lr, grad_norm)."""
+    """Forward/backward over this rank's micro-batches, then one optimizer step at the
+    scheduler's next learning rate. Returns (loss, lr, grad_norm)."""
     scheduler.step(increment=1)
     lr = optimizer.param_groups[0]["lr"]
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    losses = _run_schedule(model, iterators, shape, device, forward_only=False)
+    losses = _run_schedule(model, micro_batches, device, forward_only=False)
     _, grad_norm, _ = optimizer.step()  # bf16/fp32: no loss scaling, never skipped
     return _reduce_losses(losses, device), lr, grad_norm
 
 
 @torch.no_grad()
-def evaluate(model: List, iterators: List[Iterator], num_batches: int, shape: StepShape,
-             device: torch.device) -> Optional[float]:
-    """Mean loss over `num_batches` global batches (forward only)."""
+def evaluate(model: List, batches: List[List[dict]], device: torch.device) -> Optional[float]:
+    """Mean loss per trained token over global batches (each: this rank's micro-batches),
+    forward only."""
     for chunk in model:
         chunk.eval()
     losses: List[dict] = []
-    for _ in range(num_batches):
-        losses += _run_schedule(model, iterators, shape, device, forward_only=True)
+    for micro_batches in batches:
+        losses += _run_schedule(model, micro_batches, device, forward_only=True)
     for chunk in model:
         chunk.train()
     return _reduce_losses(losses, device)

@@ -1,0 +1,237 @@
+"""The one training loop. Every stage (pretraining, SFT, ...) runs it; a recipe contributes only
+its data (per step: this rank's micro-batches) and whether its loss is normalized per token
+over the global batch. Schedules, checkpoints, metrics, validation and resume live here.
+
+A config passed here has the sections `trainer`, `exp_manager` and `model` (with `optim` and
+the parallel and batch sizes); each stage's schema provides them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Iterator, List, Optional
+
+import torch
+from megatron.core import parallel_state
+
+from danube.config.compose import to_yaml
+from danube.config.derived import normalized_precision
+from danube.model.builder import build_model_chunks, transformer_config, uses_transformer_engine
+from danube.paths import (
+    CheckpointMeta,
+    checkpoint_dir_name,
+    checkpoint_root,
+    exp_dir,
+    is_complete,
+    latest_checkpoint,
+)
+from danube.runtime import PrecisionChoice, resolve_precision, use_cuda
+from danube.training import checkpoint as ckpt
+from danube.training.engine import (
+    build_optimizer,
+    build_scheduler,
+    uses_distributed_optimizer,
+    wrap_for_training,
+)
+from danube.training.metrics import MetricsLogger
+from danube.training.step import evaluate, train_step
+
+
+@dataclass
+class StepData:
+    """One global batch as this rank sees it."""
+
+    micro_batches: List[dict]
+    """This rank's micro-batches (tokens, labels, loss_mask, position_ids[, attention_mask])."""
+    samples: int
+    """Samples (sequences, conversations) of the whole global batch."""
+    tokens: int
+    """Trained tokens of the whole global batch (for tokens/s)."""
+
+
+@dataclass
+class Recipe:
+    """What a stage brings to the loop."""
+
+    name: str
+    train_steps: Callable[[int, int, int], Iterator[StepData]]
+    """(first step, last step, consumed samples) -> the steps' data, in order."""
+    eval_steps: Callable[[str, int], Optional[Iterator[StepData]]]
+    """(split: val | test, global batches) -> their data, or None when the split is empty."""
+    per_token_loss: bool = False
+    """Normalize the loss by the trained tokens of the whole global batch (megatron-core's
+    calculate_per_token_loss) instead of per micro-batch: exact under packing, accumulation
+    and data parallelism when micro-batches hold different token counts."""
+
+
+@dataclass
+class Trainer:
+    """What the loop needs, built once."""
+
+    cfg: object
+    model: List
+    optimizer: object
+    scheduler: object
+    device: torch.device
+    log: MetricsLogger
+    tokenizer: object
+    config_yaml: str = ""
+    recipe: Optional[Recipe] = None
+    step: int = 0
+    consumed_samples: int = 0
+    last_val_loss: Optional[float] = None
+
+
+def is_rank0() -> bool:
+    return torch.distributed.get_rank() == 0
+
+
+def barrier() -> None:
+    torch.distributed.barrier()
+
+
+def with_machine_precision(cfg):
+    """(cfg with trainer.precision resolved for this machine, the choice): `auto` becomes
+    bf16-mixed or 32 before anything is built, so the saved config says what ran."""
+    choice = resolve_precision(cfg.trainer.precision, use_cuda(cfg.trainer.accelerator))
+    return replace(cfg, trainer=replace(cfg.trainer, precision=choice.precision)), choice
+
+
+def config_yaml(cfg, choice: PrecisionChoice) -> str:
+    """The resolved config as saved (run directory and checkpoints), with why its precision."""
+    return f"# trainer.precision={choice.precision}: {choice.reason}\n" + to_yaml(cfg)
+
+
+def build_trainer(cfg, tokenizer, vocab_size: int, per_token_loss: bool = False) -> Trainer:
+    """Model chunks, megatron DDP, optimizer and schedule for `cfg.model` (collective)."""
+    m = cfg.model
+    device = torch.device(f"cuda:{torch.cuda.current_device()}"
+                          if use_cuda(cfg.trainer.accelerator) else "cpu")
+    use_te = uses_transformer_engine(m)
+    config = transformer_config(m, normalized_precision(cfg.trainer.precision), use_te)
+    config.calculate_per_token_loss = per_token_loss
+    chunks = build_model_chunks(m, config, vocab_size, use_te)
+    model = wrap_for_training(chunks, config, m.optim)
+    optimizer = build_optimizer(m.optim, cfg.trainer.gradient_clip_val, config, model)
+    scheduler = build_scheduler(m.optim, cfg.trainer.max_steps, optimizer)
+    log = MetricsLogger(exp_dir(cfg.exp_manager), cfg.exp_manager.create_tensorboard_logger,
+                        cfg.trainer.max_steps, enabled=is_rank0())
+    return Trainer(cfg, model, optimizer, scheduler, device, log, tokenizer)
+
+
+def agreed_latest_checkpoint(root: Path) -> Optional[Path]:
+    """The newest complete checkpoint as rank 0 sees it, on every rank: nodes listing a shared
+    filesystem at slightly different moments must still load the same step. Collective."""
+    choice = [None]
+    if is_rank0():
+        latest = latest_checkpoint(root)
+        choice = [None if latest is None else str(latest)]
+    torch.distributed.broadcast_object_list(choice, src=0)
+    return None if choice[0] is None else Path(choice[0])
+
+
+def restore(trainer: Trainer, initial_weights: Optional[Path]) -> None:
+    """Resume from this experiment's newest checkpoint, else load `initial_weights`."""
+    cfg = trainer.cfg
+    dist_opt = uses_distributed_optimizer(cfg.model.optim)
+    latest = agreed_latest_checkpoint(checkpoint_root(cfg.exp_manager))
+    if cfg.exp_manager.resume_if_exists and latest is not None:
+        meta = ckpt.load_checkpoint(latest, trainer.model, trainer.optimizer, trainer.scheduler,
+                                    dist_opt)
+        trainer.step, trainer.consumed_samples = meta.step, meta.consumed_samples
+        trainer.last_val_loss = meta.val_loss
+        trainer.log.info(f"resumed from {latest} (step {meta.step})")
+    elif initial_weights is not None:
+        ckpt.load_checkpoint(initial_weights, trainer.model)
+        # The loaded weights are bf16/fp32 model params; refresh the fp32 main copies.
+        trainer.optimizer.reload_model_params()
+        trainer.log.info(f"initialised weights from {initial_weights}")
+
+
+def _validate(trainer: Trainer, split: str, batches: int) -> Optional[float]:
+    steps = trainer.recipe.eval_steps(split, batches) if batches else None
+    if steps is None:
+        return None
+    loss = evaluate(trainer.model, [s.micro_batches for s in steps], trainer.device)
+    trainer.log.log_validation(trainer.step, loss, split)
+    return loss
+
+
+def save(trainer: Trainer) -> None:
+    cfg, m = trainer.cfg, trainer.cfg.model
+    root = checkpoint_root(cfg.exp_manager)
+    meta = CheckpointMeta(
+        step=trainer.step, consumed_samples=trainer.consumed_samples,
+        val_loss=trainer.last_val_loss,
+        layout={"tp": m.tensor_model_parallel_size, "pp": m.pipeline_model_parallel_size,
+                "vp": m.virtual_pipeline_model_parallel_size,
+                "dp": parallel_state.get_data_parallel_world_size()},
+    )
+    path = ckpt.save_checkpoint(
+        root / checkpoint_dir_name(trainer.step), trainer.model, meta, trainer.config_yaml,
+        tokenizer=trainer.tokenizer, optimizer=trainer.optimizer, scheduler=trainer.scheduler,
+        distributed_optimizer=uses_distributed_optimizer(m.optim))
+    if is_rank0():
+        params = cfg.exp_manager.checkpoint_callback_params
+        ckpt.prune_checkpoints(root, params.save_top_k, params.monitor)
+    barrier()
+    trainer.log.info(f"saved checkpoint {path}")
+
+
+def train_loop(trainer: Trainer) -> None:
+    cfg, t = trainer.cfg, trainer.cfg.trainer
+    every = cfg.exp_manager.checkpoint_callback_params.every_n_train_steps
+    steps = trainer.recipe.train_steps(trainer.step, t.max_steps, trainer.consumed_samples)
+    trainer.log.start(trainer.step)
+    window_time, window_tokens = 0.0, 0  # training time only: not validation, not saving
+    while trainer.step < t.max_steps:
+        step_start = time.perf_counter()
+        data = next(steps)
+        loss, lr, grad_norm = train_step(trainer.model, trainer.optimizer, trainer.scheduler,
+                                         data.micro_batches, trainer.device)
+        trainer.step += 1
+        trainer.consumed_samples += data.samples
+        step_time = time.perf_counter() - step_start
+        window_time, window_tokens = window_time + step_time, window_tokens + data.tokens
+        last = trainer.step == t.max_steps
+        if trainer.step % t.log_every_n_steps == 0 or last:
+            trainer.log.log_train(
+                trainer.step, loss, lr, None if grad_norm is None else float(grad_norm),
+                window_tokens / window_time, step_time, trainer.consumed_samples,
+                trained_tokens=data.tokens if trainer.recipe.per_token_loss else None)
+            window_time, window_tokens = 0.0, 0
+        if trainer.step % t.val_check_interval == 0 or last:
+            trainer.last_val_loss = _validate(trainer, "val", t.limit_val_batches)
+        if every and trainer.step % every == 0:
+            save(trainer)
+    # The last step, unless already saved (also step 0 with max_steps=0: initial weights).
+    if cfg.exp_manager.checkpoint_callback_params.save_last and not is_complete(
+            checkpoint_root(cfg.exp_manager) / checkpoint_dir_name(trainer.step)):
+        save(trainer)
+
+
+def run(trainer: Trainer, recipe: Recipe, precision: PrecisionChoice,
+        initial_weights: Optional[Path], describe: str) -> None:
+    """Restore, announce, train, test: the part every stage shares (collective)."""
+    cfg, m = trainer.cfg, trainer.cfg.model
+    trainer.recipe = recipe
+    trainer.config_yaml = config_yaml(cfg, precision)
+    if is_rank0():
+        exp_dir(cfg.exp_manager).mkdir(parents=True, exist_ok=True)
+        (exp_dir(cfg.exp_manager) / "config.yaml").write_text(trainer.config_yaml)
+    if precision.warning:
+        trainer.log.info(f"warning: {precision.warning}")
+    restore(trainer, initial_weights)
+    params = sum(p.numel() for chunk in trainer.model for p in chunk.parameters())
+    dp = parallel_state.get_data_parallel_world_size()
+    trainer.log.info(
+        f"training {cfg.name} ({recipe.name}): {params / 1e6:.2f}M parameters on rank 0, "
+        f"{'Transformer Engine' if uses_transformer_engine(m) else 'local'} layers, "
+        f"precision {cfg.trainer.precision} ({precision.reason}), "
+        f"TP {m.tensor_model_parallel_size} PP {m.pipeline_model_parallel_size} DP {dp}"
+        f"; step {trainer.step} -> {cfg.trainer.max_steps}, {describe}")
+    train_loop(trainer)
+    _validate(trainer, "test", cfg.trainer.limit_test_batches)
+    trainer.log.close()
