@@ -19,6 +19,7 @@ os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = ROOT / "launchers" / "pretrain.py"
+SFT_LAUNCHER = ROOT / "launchers" / "sft.py"
 
 # A small danube_tiny for equivalence runs: 4 layers so PP=2 x VP=2 has a layer per chunk.
 SMALL_MODEL = [
@@ -40,16 +41,17 @@ def free_port() -> int:
 
 
 def run_pretrain(overrides: List[str], nproc: int = 1, check: bool = True,
-                 timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run launchers/pretrain.py as a user would (torchrun for nproc > 1)."""
+                 timeout: int = 600, launcher: Path = LAUNCHER) -> subprocess.CompletedProcess:
+    """Run launchers/pretrain.py (or another launcher) as a user would (torchrun for
+    nproc > 1)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1" if nproc > 1 else "2"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     if nproc == 1:
-        cmd = [sys.executable, str(LAUNCHER), *overrides]
+        cmd = [sys.executable, str(launcher), *overrides]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={free_port()}", str(LAUNCHER), f"trainer.devices={nproc}",
+               f"--master_port={free_port()}", str(launcher), f"trainer.devices={nproc}",
                *overrides]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout,
                             cwd=ROOT)
@@ -58,6 +60,12 @@ def run_pretrain(overrides: List[str], nproc: int = 1, check: bool = True,
                              f"--- stdout ---\n{result.stdout[-4000:]}\n"
                              f"--- stderr ---\n{result.stderr[-8000:]}")
     return result
+
+
+def run_sft(overrides: List[str], nproc: int = 1, check: bool = True,
+            timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run launchers/sft.py as a user would."""
+    return run_pretrain(overrides, nproc, check, timeout, launcher=SFT_LAUNCHER)
 
 
 def read_metrics(exp_dir: Path) -> List[dict]:

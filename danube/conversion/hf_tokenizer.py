@@ -9,19 +9,8 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+from danube.data.chat import DANUBE_CHAT_TEMPLATE
 from danube.data.tokenizer import MODEL_TOKEN_IDS_FILE, TOKENIZER_FILES, Tokenizer
-
-# anchors.md: <|system|>{sys}</s> (optional) <|prompt|>{user}</s><|answer|>{assistant}</s>;
-# the generation prompt ends with <|answer|>.
-DANUBE_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ '<|system|>' + message['content'] + eos_token }}"
-    "{% elif message['role'] == 'user' %}{{ '<|prompt|>' + message['content'] + eos_token }}"
-    "{% elif message['role'] == 'assistant' %}{{ '<|answer|>' + message['content'] + eos_token }}"
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|answer|>' }}{% endif %}"
-)
-
 
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 

@@ -38,6 +38,25 @@ DANUBE_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|answer|>' }}{% endif %}"
 )
 ROLES = ("system", "user", "assistant")
+
+
+def nemo_chat_template(tokens) -> str:
+    """NeMo 1.x's fixed chat format (`model.data.chat_prompt_tokens`) as a Jinja template:
+    {system_turn_start}System{end_of_name}{system}{end_of_turn}, then per turn
+    {turn_start}User|Assistant{end_of_name}{text}{end_of_turn}; the generation prompt is
+    {turn_start}Assistant{end_of_name}. (NeMo trained the next turn_start as the stop signal;
+    here each answer's end_of_turn is trained.)"""
+    sts, ts, eon, eot = (json.dumps(getattr(tokens, k)) for k in (
+        "system_turn_start", "turn_start", "end_of_name", "end_of_turn"))
+    return (
+        "{% set system = messages[0]['content'] if messages and messages[0]['role'] == 'system'"
+        " else '' %}"
+        f"{{{{ {sts} + 'System' + {eon} + system + {eot} }}}}"
+        "{% for message in messages if message['role'] != 'system' %}"
+        f"{{{{ {ts} + ('User' if message['role'] == 'user' else 'Assistant') + {eon} + "
+        f"message['content'] + {eot} }}}}"
+        "{% endfor %}"
+        f"{{% if add_generation_prompt %}}{{{{ {ts} + 'Assistant' + {eon} }}}}{{% endif %}}")
 # NeMo chat `from` values (and ShareGPT's) -> roles
 NEMO_ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
               "system": "system"}
@@ -102,7 +121,11 @@ class ChatTemplate:
             tokenizer.eod)
 
     @classmethod
-    def for_tokenizer(cls, tokenizer: Tokenizer) -> "ChatTemplate":
+    def for_tokenizer(cls, tokenizer: Tokenizer, prompt_tokens=None) -> "ChatTemplate":
+        """NeMo's template from `prompt_tokens` when given, else the tokenizer's own, else
+        H2O-Danube's."""
+        if prompt_tokens is not None:
+            return cls(nemo_chat_template(prompt_tokens), tokenizer)
         directory = tokenizer.path.parent if tokenizer.path is not None else None
         return cls(tokenizer_chat_template(directory) or DANUBE_CHAT_TEMPLATE, tokenizer)
 

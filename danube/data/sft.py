@@ -64,7 +64,8 @@ def build_sft_dataset(ds, data, tokenizer: Tokenizer, answer_only: bool,
     """Every conversation of `ds.file_path` encoded; drops (and counts) those that are too
     short or have no trained token left after truncation. Bad records raise ChatDataError
     naming file and line, or with on_error=skip are counted."""
-    template = ChatTemplate.for_tokenizer(tokenizer) if data.chat else None
+    template = ChatTemplate.for_tokenizer(tokenizer, data.chat_prompt_tokens) if data.chat \
+        else None
     stats = {"records": 0, "truncated": 0, "dropped_no_answer_left": 0, "dropped_too_short": 0,
              "skipped_bad_records": 0, "answers_ending_trained": 0}
     errors: List[str] = []

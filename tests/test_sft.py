@@ -1,0 +1,282 @@
+"""Supervised fine-tuning: rendering as at inference, the loss mask, exact loss normalization
+and packing, and the launcher end to end (equivalences step by step, fp32)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from danube.config.schema import SFTDatasetConfig, SFTDataConfig
+from danube.data.chat import (
+    DANUBE_CHAT_TEMPLATE,
+    ChatDataError,
+    ChatTemplate,
+    encode_chat,
+    messages_of,
+)
+from danube.data.sft import build_sft_dataset, collate_rows, pack_rows
+from danube.data.tokenizer import load_tokenizer, train_byte_level_bpe
+from tests.conftest import read_metrics, run_sft, train_records
+
+CHAT = [{"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What does `os.getcwd` do?"},
+        {"role": "assistant", "content": "Return a string of the current directory."},
+        {"role": "user", "content": "Which module is it in?"},
+        {"role": "assistant", "content": "It is in `os`."}]
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+          "'<|im_end|>\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """Our byte-level BPE (specials <pad> <s> </s> <|system|> <|prompt|> <|answer|>) as a HF
+    tokenizer directory with the H2O-Danube template, as data preparation writes it."""
+    path = tmp_path_factory.mktemp("tok")
+    texts = [m["content"] for m in CHAT] * 30 + ["def f(x):\n    return x + 1"] * 30
+    train_byte_level_bpe(texts, 400).save(path / "tokenizer.json")
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+        "pad_token": "<pad>", "chat_template": DANUBE_CHAT_TEMPLATE}))
+    return path
+
+
+def _trained_text(tokenizer, encoded) -> str:
+    return "".join(tokenizer.hf.decode([i], skip_special_tokens=False)
+                   for i, t in zip(encoded.ids, encoded.trained) if t)
+
+
+@pytest.mark.parametrize("template", ["danube", "chatml"])
+def test_training_ids_are_the_inference_ids(tokenizer_dir, tmp_path, template):
+    """Whatever renders the training text renders the ids of transformers'
+    apply_chat_template, and trains exactly the answers with their end-of-turn token."""
+    from transformers import AutoTokenizer
+
+    if template == "chatml":
+        config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+        (tmp_path / "tokenizer.json").write_bytes((tokenizer_dir / "tokenizer.json").read_bytes())
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+            {**config, "chat_template": None}))
+        (tmp_path / "chat_template.jinja").write_text(CHATML)  # transformers 5's place
+        directory = tmp_path
+    else:
+        directory = tokenizer_dir
+    tokenizer = load_tokenizer(directory)
+    encoded = encode_chat(CHAT, ChatTemplate.for_tokenizer(tokenizer), tokenizer, True, "x")
+    reference = AutoTokenizer.from_pretrained(directory).apply_chat_template(
+        CHAT, tokenize=True, return_dict=False)
+    assert encoded.ids == list(reference)
+    trained = _trained_text(tokenizer, encoded)
+    if template == "danube":  # each answer and its </s>; the </s> after prompts is not
+        assert trained == ("Return a string of the current directory.</s>"
+                           "It is in `os`.</s>")
+    else:
+        assert trained == ("Return a string of the current directory.<|im_end|>\n"
+                           "It is in `os`.<|im_end|>\n")
+
+
+def _write(path: Path, records) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n"
+                            for r in records))
+    return path
+
+
+def _data(file_path, **ds) -> SFTDataConfig:
+    return SFTDataConfig(train_ds=SFTDatasetConfig(
+        file_path=str(file_path), **{"max_seq_length": 64, "global_batch_size": 2,
+                                     "micro_batch_size": 1, **ds}))
+
+
+def test_formats_masks_truncation_and_drops(tokenizer_dir, tmp_path):
+    tokenizer = load_tokenizer(tokenizer_dir)
+    nemo = {"system": "Be brief.", "mask": "User", "conversations": [
+        {"from": "User", "value": CHAT[1]["content"]},
+        {"from": "Assistant", "value": CHAT[2]["content"]}]}
+    too_long = {"messages": [{"role": "user", "content": "x " * 200},
+                             {"role": "assistant", "content": "ok"}]}
+    path = _write(tmp_path / "d.jsonl", [{"messages": CHAT}, nemo, too_long])
+    data = _data(path)
+    ds = build_sft_dataset(data.train_ds, data, tokenizer, answer_only=True)
+    assert ds.stats["dropped_no_answer_left"] == 1 and len(ds.samples) == 2
+    assert messages_of(nemo, "x") == CHAT[:3]  # NeMo chat -> the same messages
+    first = ds.samples[1]
+    assert _trained_text(tokenizer, type("E", (), {"ids": first.ids.tolist(),
+                                                   "trained": first.trained.tolist()})) \
+        == "Return a string of the current directory.</s>"
+    everything = build_sft_dataset(data.train_ds, data, tokenizer, answer_only=False)
+    assert all(s.trained.all() for s in everything.samples)
+
+    prompt_response = _write(tmp_path / "pr.jsonl", [{"input": "2+2", "output": "4"}])
+    data = SFTDataConfig(chat=False, train_ds=SFTDatasetConfig(
+        file_path=str(prompt_response), max_seq_length=64, prompt_template="Q: {input}\nA: {output}"))
+    sample = build_sft_dataset(data.train_ds, data, tokenizer, True).samples[0]
+    assert tokenizer.detokenize(sample.ids) == "Q: 2+2\nA: 4</s>"
+    assert tokenizer.detokenize(sample.ids[sample.trained]) == "4</s>"  # add_eos: trained
+
+
+@pytest.mark.parametrize("line, needle", [
+    ("{not json", "d.jsonl:2: not a JSON object"),
+    ('{"messages": [{"role": "robot", "content": "hi"}]}', "d.jsonl:2: unknown role 'robot'"),
+    ('{"conversations": [{"from": "Narrator", "value": "hi"}]}', "unknown speaker 'Narrator'"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}', "no assistant turn"),
+    ('{"text": "plain"}', "needs 'messages' or 'conversations'"),
+])
+def test_bad_records_name_file_and_line_or_are_skipped(tokenizer_dir, tmp_path, line, needle):
+    tokenizer = load_tokenizer(tokenizer_dir)
+    path = _write(tmp_path / "d.jsonl", [{"messages": CHAT}, line])
+    data = _data(path)
+    with pytest.raises(ChatDataError, match=needle.replace("(", r"\(")):
+        build_sft_dataset(data.train_ds, data, tokenizer, True)
+    skipped = build_sft_dataset(data.train_ds, data, tokenizer, True, on_error="skip")
+    assert skipped.stats["skipped_bad_records"] == 1 and len(skipped.samples) == 1
+
+
+def test_packing_isolates_conversations_and_is_deterministic():
+    """First-fit decreasing: 40 | 30 | 25 -> row 1 | 10 -> row 0 | 5 -> row 0."""
+    rows = pack_rows([30, 10, 25, 40, 5], capacity=64, packed=True)
+    assert rows == [[3, 1, 4], [0, 2]]
+    assert pack_rows([30, 10, 25, 40, 5], 64, packed=False) == [[0], [1], [2], [3], [4]]
+    batch = collate_rows([[]], 8, 0, block_mask=True)  # an empty row: nothing trained
+    assert batch["loss_mask"].sum() == 0
+
+
+def test_packed_batch_loss_equals_each_conversation_alone(tokenizer_dir, tmp_path,
+                                                          megatron_world):
+    """Two conversations in one packed row (window smaller than a conversation): the loss
+    through megatron's schedule equals a hand computation over each conversation run alone:
+    sum of cross-entropies over trained tokens / trained tokens."""
+    from danube.config.schema import ModelConfig
+    from danube.model.builder import build_model_chunks, transformer_config
+    from danube.training.step import evaluate
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    second = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]
+    path = _write(tmp_path / "two.jsonl", [{"messages": CHAT}, {"messages": second}])
+    data = _data(path, max_seq_length=96)
+    samples = build_sft_dataset(data.train_ds, data, tokenizer, True).samples
+    assert sum(s.positions for s in samples) <= 96
+    m = ModelConfig(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
+                    num_query_groups=2, window_size=12, encoder_seq_length=96,
+                    max_position_embeddings=96)
+    torch.manual_seed(0)
+    model = build_model_chunks(m, transformer_config(m, "32", False), tokenizer.vocab_size,
+                               False)[0].eval()
+    packed = collate_rows([samples], 96, 0, block_mask=True)
+    ours = evaluate([model], [[packed]], torch.device("cpu"))
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for sample in samples:
+            ids = torch.from_numpy(sample.ids)[None]
+            logits = model(ids[:, :-1], torch.arange(ids.shape[1] - 1)[None], None)
+            losses = torch.nn.functional.cross_entropy(
+                logits[0].double(), ids[0, 1:], reduction="none")
+            mask = torch.from_numpy(sample.trained[1:])
+            total += losses[mask].sum().item()
+            count += int(mask.sum())
+    assert ours == pytest.approx(total / count, rel=1e-5)
+
+
+# --- the launcher ----------------------------------------------------------------------------
+
+def _common(tmp_path, init_checkpoint):
+    return [f"model.restore_from_path={init_checkpoint}", "model.encoder_seq_length=64",
+            "model.global_batch_size=8", "model.micro_batch_size=4", "trainer.max_epochs=null",
+            "trainer.max_steps=6", "trainer.log_every_n_steps=1", "trainer.limit_val_batches=0",
+            "trainer.precision=32", "exp_manager.create_tensorboard_logger=false",
+            "model.optim.sched.warmup_steps=1", "model.optim.sched.max_steps=10",
+            "model.optim.lr=3e-3", f"exp_manager.exp_dir={tmp_path}",
+            "exp_manager.checkpoint_callback_params.every_n_train_steps=3"]
+
+
+def _packed(value: bool):
+    return [f"model.data.train_ds.packed_sequence={str(value).lower()}"]
+
+
+@pytest.fixture(scope="module")
+def unpacked_reference(tmp_path_factory, init_checkpoint):
+    exp = tmp_path_factory.mktemp("sft_reference")
+    run_sft([*_common(exp, init_checkpoint), *_packed(False), "exp_manager.name=unpacked"])
+    records = train_records(exp / "unpacked")
+    assert list(records) == [1, 2, 3, 4, 5, 6]
+    assert records[6]["loss"] < records[1]["loss"]
+    return records
+
+
+def _assert_same(records, reference, loss_rel=1e-5, norm_rel=2e-4):
+    assert list(records) == list(reference)
+    for step, ref in reference.items():
+        assert records[step]["loss"] == pytest.approx(ref["loss"], rel=loss_rel), step
+        assert records[step]["grad_norm"] == pytest.approx(ref["grad_norm"], rel=norm_rel), step
+        assert records[step]["trained_tokens"] == ref["trained_tokens"]
+
+
+def test_packed_equals_unpacked(tmp_path, init_checkpoint, unpacked_reference):
+    """Same conversations per step, each isolated in its row: the same loss and gradient."""
+    run_sft([*_common(tmp_path, init_checkpoint), *_packed(True), "exp_manager.name=packed"])
+    _assert_same(train_records(tmp_path / "packed"), unpacked_reference)
+
+
+@pytest.mark.parametrize("layout, extra, nproc", [
+    ("mb1", ["model.micro_batch_size=1"], 1),
+    ("dp2_packed", _packed(True), 2),
+    ("tp2", ["model.tensor_model_parallel_size=2"], 2),
+    ("pp2", ["model.pipeline_model_parallel_size=2"], 2),
+])
+def test_layouts_follow_the_single_process_trajectory(tmp_path, init_checkpoint,
+                                                      unpacked_reference, layout, extra, nproc):
+    """Global per-token normalization: micro-batch 1 x 8 accumulation, DP=2 (packed, so the
+    ranks hold different token counts), TP=2 and PP=2 equal micro-batch 4 on one process."""
+    run_sft([*_common(tmp_path, init_checkpoint), *_packed(False), *extra,
+             f"exp_manager.name={layout}"], nproc=nproc)
+    _assert_same(train_records(tmp_path / layout), unpacked_reference)
+
+
+def test_resume_equals_uninterrupted(tmp_path, init_checkpoint, unpacked_reference):
+    common = [*_common(tmp_path, init_checkpoint), *_packed(False), "exp_manager.name=resumed"]
+    run_sft([*common, "trainer.max_steps=3"])
+    second = run_sft(common)
+    assert "resumed from" in second.stdout and "(step 3)" in second.stdout
+    records = train_records(tmp_path / "resumed")
+    assert records == {step: records[step] for step in unpacked_reference}
+    for step, ref in unpacked_reference.items():
+        assert records[step]["loss"] == ref["loss"], step
+
+
+def test_dry_run_shows_the_mask_and_writes_nothing(tmp_path, init_checkpoint):
+    result = run_sft([*_common(tmp_path, init_checkpoint), *_packed(True), "--dry-run", "1"])
+    out = result.stdout
+    assert "row 0:" in out and "[packed]" in out and "TRAIN pos" in out
+    assert "'<|answer|>' ->" in out  # the answer's first token is predicted from <|answer|>
+    assert "summary (train_ds):" in out and "answers ending in a trained token" in out
+    assert not (tmp_path / "danube_tiny_sft").exists()
+
+
+def test_bad_data_and_config_fail_before_anything_is_written(tmp_path, init_checkpoint):
+    bad = _write(tmp_path / "bad.jsonl", [{"messages": CHAT}, "{oops"])
+    result = run_sft([*_common(tmp_path, init_checkpoint),
+                      f"model.data.train_ds.file_path={bad}"], check=False)
+    assert result.returncode == 2 and "bad.jsonl:2: not a JSON object" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = run_sft([*_common(tmp_path, init_checkpoint), "model.data.train_ds.file_path=nope",
+                      "model.data.train_ds.truncation_method=middle"], check=False)
+    assert result.returncode == 2 and "nope not found" in result.stderr
+    assert "truncation_method='middle'" in result.stderr
+    result = run_sft([*_common(tmp_path, init_checkpoint),
+                      f"model.restore_from_path={tmp_path}/nothing"], check=False)
+    assert result.returncode == 2 and "not a complete danube checkpoint" in result.stderr
+    assert not (tmp_path / "danube_tiny_sft").exists()
+
+
+def test_sft_checkpoint_exports_to_hugging_face(tmp_path, init_checkpoint):
+    """An SFT checkpoint (its config.yaml is an SFT config) converts like any other."""
+    from tests.test_conversion import convert
+
+    run_sft([*_common(tmp_path, init_checkpoint), "trainer.max_steps=1"])
+    ckpt = tmp_path / "danube_tiny_sft" / "checkpoints" / "step_00000001"
+    convert("mcore_to_hf.py", ckpt, tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 4 and config["hidden_size"] == 64
+    assert any("val_loss" not in r for r in read_metrics(tmp_path / "danube_tiny_sft"))
