@@ -1,5 +1,6 @@
 # Two entry points do all the set-up on a fresh machine (README "Quick start"):
-#   make demo   pretrain danube_tiny on the embedded corpus (CPU: a few minutes)
+#   make demo   the miniature Danube recipe on the embedded data: pretrain danube_tiny, then
+#               SFT it (each stage resumes, or does nothing when done), then a summary
 #   make test   the test suite (what .ci/run calls)
 PYTHON ?= python3
 VENV ?= .venv
@@ -22,6 +23,8 @@ $(STAMP): pyproject.toml
 
 demo: setup
 	$(BIN)/python launchers/pretrain.py
+	$(BIN)/python launchers/sft.py
+	$(BIN)/python launchers/summary.py results/danube_tiny results/danube_tiny_sft
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -98,3 +98,29 @@ def test_big_layouts_on_meta_device_match_hf(megatron_world, name, published):
     fc1 = ours.decoder.layers[0].mlp.linear_fc1.weight
     assert fc1.shape == (2 * m.ffn_hidden_size, m.hidden_size)  # gate and up, fused
     assert torch.device("meta") == ours.output_layer.weight.device
+
+
+# The mandatory keys, and what the launcher reads from the starting checkpoint (H2O-Danube's
+# 16k context) before validating.
+SFT_NEEDS = {"danube_1.8b_chat_sft": ["model.restore_from_path=/ckpt",
+                                      "model.data.train_ds.file_path=/data/train.jsonl",
+                                      "model.max_position_embeddings=16384"]}
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONFIG_DIR / "sft").glob("*.yaml")))
+def test_sft_configs_compose_and_validate(name):
+    from danube.config.compose import compose_sft_config
+
+    cfg = compose_sft_config(name, SFT_NEEDS.get(name, []))
+    assert cfg.name == name and cfg.model.answer_only_loss
+    assert validate(cfg) == []
+
+
+def test_danube_chat_sft_carries_the_recipe():
+    from danube.config.compose import compose_sft_config
+
+    cfg = compose_sft_config("danube_1.8b_chat_sft", SFT_NEEDS["danube_1.8b_chat_sft"])
+    assert (cfg.trainer.max_epochs, cfg.trainer.max_steps) == (1, -1)
+    assert (cfg.model.optim.lr, cfg.model.optim.sched.name) == (1e-5, "CosineAnnealing")
+    assert cfg.model.data.chat and cfg.model.data.chat_prompt_tokens is None
+    assert not cfg.model.data.train_ds.add_bos

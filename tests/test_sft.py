@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from danube.config.schema import SFTDatasetConfig, SFTDataConfig
+from danube.config.schema import SFTDataConfig, SFTDatasetConfig
 from danube.data.chat import (
     DANUBE_CHAT_TEMPLATE,
     ChatDataError,
@@ -111,7 +111,8 @@ def test_formats_masks_truncation_and_drops(tokenizer_dir, tmp_path):
 
     prompt_response = _write(tmp_path / "pr.jsonl", [{"input": "2+2", "output": "4"}])
     data = SFTDataConfig(chat=False, train_ds=SFTDatasetConfig(
-        file_path=str(prompt_response), max_seq_length=64, prompt_template="Q: {input}\nA: {output}"))
+        file_path=str(prompt_response), max_seq_length=64,
+        prompt_template="Q: {input}\nA: {output}"))
     sample = build_sft_dataset(data.train_ds, data, tokenizer, True).samples[0]
     assert tokenizer.detokenize(sample.ids) == "Q: 2+2\nA: 4</s>"
     assert tokenizer.detokenize(sample.ids[sample.trained]) == "4</s>"  # add_eos: trained
