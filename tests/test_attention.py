@@ -96,3 +96,24 @@ def test_padding_mask_is_combined_with_the_window(megatron_world):
     out2 = _attention("sdpa", WINDOW)(q, k2, v2, attention_mask=masked)
     torch.testing.assert_close(out, out2)
     assert (out - _attention("sdpa", WINDOW)(q, k, v, attention_mask=None)).abs().max() > 1e-3
+
+
+def test_backend_choices_are_made_in_one_place():
+    """TE layers use TE's attention unless sdpa/local is asked for; without TE, our SDPA (or
+    megatron's DotProductAttention) and no fused kernels; batched p2p only with CUDA."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    from danube.config.schema import ModelConfig
+    from danube.model.attention import SDPAttention
+    from danube.model.builder import backend
+
+    def model(attention):
+        return ModelConfig(attention_backend=attention)
+
+    te_auto = backend(model("auto"), use_te=True)
+    assert (te_auto.te_layers, te_auto.core_attention, te_auto.fusions) == (True, None, True)
+    assert backend(model("sdpa"), use_te=True).core_attention is SDPAttention
+    local = backend(model("auto"), use_te=False)
+    assert (local.te_layers, local.core_attention, local.fusions) == (False, SDPAttention, False)
+    assert backend(model("local"), use_te=False).core_attention is DotProductAttention
+    assert local.batch_p2p is False  # this CPU suite hides CUDA

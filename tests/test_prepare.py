@@ -274,7 +274,7 @@ def test_shards_are_packed_to_their_text_size_and_costliest_run_first(tmp_path):
     import pyarrow.parquet as pq
     import zstandard
 
-    from danube.prepare.pipeline import Runner
+    from danube.prepare.runner import Runner
     from danube.prepare.sources import _parquet_pieces, _text_size
 
     mb = 1 << 20

@@ -189,7 +189,7 @@ def _indexed(prefix, documents):
 
 
 def test_damaged_indexed_datasets_are_named(tmp_path):
-    from danube.data.indexed import indexed_dataset_problem
+    from danube.indexed_files import indexed_dataset_problem
 
     prefix = str(tmp_path / "web")
     _indexed(prefix, [[5, 6, 7, 2], [8, 9, 2]])
@@ -211,7 +211,7 @@ def test_damaged_indexed_datasets_are_named(tmp_path):
 def test_a_prefix_too_small_for_its_splits_is_refused(tmp_path):
     """980,10,10 over 20 documents rounds the validation and test splits to no document, and
     megatron-core's GPTDataset then loops forever counting epochs: refused before the build."""
-    from danube.data.indexed import empty_splits
+    from danube.indexed_files import empty_splits
 
     small, enough = str(tmp_path / "small"), str(tmp_path / "enough")
     _indexed(small, [[5, 6, 7, 2]] * 20)

@@ -12,6 +12,8 @@ from danube.config.schema import DataConfig, ModelConfig, PretrainConfig
 
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_SOURCES = ("prose", "code")
+# The built-in SFT set (danube.data.embedded_chat): config name -> its file in the cache.
+EMBEDDED_CHAT = {"embedded:chat": "train.jsonl", "embedded:chat_validation": "validation.jsonl"}
 
 
 def normalized_precision(precision: str) -> str:

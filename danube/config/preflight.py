@@ -14,9 +14,15 @@ from typing import List, Optional
 import torch
 
 from danube.config.compose import load_model_config
-from danube.config.derived import EMBEDDED_PREFIX, blend_paths, padded_vocab_size, world_size
+from danube.config.derived import (
+    EMBEDDED_CHAT,
+    EMBEDDED_PREFIX,
+    blend_paths,
+    padded_vocab_size,
+    world_size,
+)
 from danube.config.schema import PretrainConfig, SFTConfig
-from danube.data.indexed import (
+from danube.indexed_files import (
     documents_for_splits,
     empty_splits,
     indexed_dataset_problem,
@@ -221,8 +227,6 @@ def _check_embedding_rows(m, source: Path, problems: List[str]) -> None:
 
 
 def _check_sft_files(cfg: SFTConfig, problems: List[str]) -> None:
-    from danube.data.embedded_chat import EMBEDDED_CHAT
-
     m = cfg.model
     for split in ("train_ds", "validation_ds"):
         file_path = getattr(m.data, split).file_path

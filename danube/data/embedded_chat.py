@@ -21,9 +21,9 @@ import tempfile
 from pathlib import Path
 from typing import Iterator, List, Tuple
 
+from danube.config.derived import EMBEDDED_CHAT
 from danube.data.embedded import default_cache_dir, stdlib_files
 
-EMBEDDED_CHAT = {"embedded:chat": "train.jsonl", "embedded:chat_validation": "validation.jsonl"}
 SYSTEM = "You are a concise assistant that explains the Python standard library."
 _VERSION = 1
 

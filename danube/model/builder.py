@@ -2,12 +2,14 @@
 
 Model construction lives in this one module so that a later move (megatron-core is
 deprecating `GPTModel` for `HybridModel`) is a one-file change. The backend (Transformer
-Engine, megatron-core local, our SDPA attention) is chosen in `layer_spec` alone.
+Engine, megatron-core local, our SDPA attention, fusions, batched p2p) is chosen in `backend`
+alone.
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
@@ -49,6 +51,33 @@ def uses_transformer_engine(model: ModelConfig) -> bool:
     return model.transformer_engine and transformer_engine_available()
 
 
+@dataclass(frozen=True)
+class Backend:
+    """Every backend decision, made in `backend` alone."""
+
+    te_layers: bool
+    """Transformer Engine's layer spec (fused norm+linear, FP8), else megatron's local one."""
+    core_attention: Optional[type]
+    """Our replacement core attention, or None for TE's own (flash / fused / unfused)."""
+    fusions: bool
+    """Fused softmax, bias-dropout-add and RoPE kernels (TE/apex on CUDA only)."""
+    batch_p2p: bool
+    """Batched pipeline p2p: NCCL only (on gloo it silently corrupts the interleaved
+    schedule, ../shared/notes/megatron-core-on-cpu.md)."""
+
+
+def backend(model: ModelConfig, use_te: bool) -> Backend:
+    """The one place a backend is chosen. `use_te`: TE requested and usable here
+    (`uses_transformer_engine`); our SDPA attention unless TE's own (or megatron's local
+    DotProductAttention, `attention_backend=local`) is asked for."""
+    if use_te and model.attention_backend not in ("sdpa", "local"):
+        attention = None
+    else:
+        attention = DotProductAttention if model.attention_backend == "local" else SDPAttention
+    return Backend(te_layers=use_te, core_attention=attention, fusions=use_te,
+                   batch_p2p=torch.cuda.is_available())
+
+
 def megatron_window(window_size: Optional[int]) -> Optional[tuple]:
     """HF `sliding_window=W` (W keys, the query included) -> megatron's inclusive (W-1, 0)."""
     return None if window_size is None else (window_size - 1, 0)
@@ -59,7 +88,7 @@ def transformer_config(model: ModelConfig, precision: str, use_te: bool) -> Tran
     bf16 = precision != "32"
     dtype = torch.bfloat16 if bf16 else torch.float32
     activation, gated = _ACTIVATIONS[model.activation]
-    on_cuda = torch.cuda.is_available()
+    chosen = backend(model, use_te)
     fp8_format = ("e4m3" if model.fp8_e4m3 else "hybrid") if model.fp8 else None
     return TransformerConfig(
         num_layers=model.num_layers,
@@ -100,34 +129,30 @@ def transformer_config(model: ModelConfig, precision: str, use_te: bool) -> Tran
         # TE reads its backend from NVTE_* variables that GPTModel sets from this; sdpa and
         # local replace the core attention in `layer_spec` instead.
         attention_backend=_TE_ATTENTION.get(model.attention_backend, AttnBackend.auto),
-        # Fused kernels exist only with TE/apex on CUDA.
-        masked_softmax_fusion=use_te,
-        bias_activation_fusion=use_te and model.bias,
-        bias_dropout_fusion=use_te,
-        apply_rope_fusion=use_te,
+        masked_softmax_fusion=chosen.fusions,
+        bias_activation_fusion=chosen.fusions and model.bias,
+        bias_dropout_fusion=chosen.fusions,
+        apply_rope_fusion=chosen.fusions,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
-        # Batched p2p on gloo silently corrupts the interleaved schedule (see
-        # ../shared/notes/megatron-core-on-cpu.md); NCCL batches fine.
-        batch_p2p_comm=on_cuda,
+        batch_p2p_comm=chosen.batch_p2p,
     )
 
 
 def layer_spec(model: ModelConfig, config: TransformerConfig, use_te: bool, vp_stage=None):
-    """The one place a backend is chosen: TE's fused layers, or megatron's local layers with
-    our norms and SDPA (or megatron's own DotProductAttention for `attention_backend=local`)."""
-    if use_te:
+    """The layer spec of `backend`'s choice: TE's fused layers, or megatron's local layers
+    with our norms; either with our core attention where `backend` picked one."""
+    chosen = backend(model, use_te)
+    if chosen.te_layers:
         spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=False)
-        if model.attention_backend in ("sdpa", "local"):
-            attention = SDPAttention if model.attention_backend == "sdpa" else DotProductAttention
-            spec.submodules.self_attention.submodules.core_attention = attention
+        if chosen.core_attention is not None:
+            spec.submodules.self_attention.submodules.core_attention = chosen.core_attention
         return spec
     spec = get_gpt_layer_local_spec(normalization=config.normalization)
     norm = norm_class(config.normalization)
     spec.submodules.input_layernorm = norm
     spec.submodules.pre_mlp_layernorm = norm
-    attention = DotProductAttention if model.attention_backend == "local" else SDPAttention
-    spec.submodules.self_attention.submodules.core_attention = attention
+    spec.submodules.self_attention.submodules.core_attention = chosen.core_attention
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=norm)
 

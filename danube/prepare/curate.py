@@ -23,6 +23,7 @@ import orjson
 
 from danube.prepare.config import FiltersConfig, MinhashConfig
 from danube.prepare.sources import Reader
+from danube.prepare.tasks import BucketTask, FilterTask, SignatureTask
 
 
 def document_text(doc) -> str:  # datatrove reads the return annotation
@@ -128,21 +129,21 @@ def _file_lid(model_path: str, languages: List[str]):
     return FileLID(languages)
 
 
-def filter_shard(task: dict) -> dict:
-    """Stage 1 for one shard (a worker task: plain dict in, stats dict out)."""
+def filter_shard(task: FilterTask) -> dict:
+    """Stage 1 for one shard (a worker task: typed task in, stats dict out)."""
     from datatrove.data import Document
     from datatrove.pipeline.filters.base_filter import get_filter_result
 
-    work, shard = Path(task["work"]), task["shard"]
-    reader = Reader(task["text_field"], task["on_error"])
-    filters = build_filters(task["filters"], task["filters_cfg"])
+    work, shard = Path(task.work), task.shard
+    reader = Reader(task.text_field, task.on_error)
+    filters = build_filters(task.filters, task.filters_cfg)
     curated = JsonlOut(_curated_path(work, shard))
     removed = {name: _removed_out(work, name, shard) for name, _ in filters}
     reasons: Counter = Counter()
     stats = {"documents_in": 0, "bytes_in": 0}
 
     def kept() -> Iterator:
-        for text, ref in reader.shard(task["pieces"]):
+        for text, ref in reader.shard(task.pieces):
             stats["documents_in"] += 1
             stats["bytes_in"] += len(text)
             doc = Document(text=text, id=ref)
@@ -156,11 +157,11 @@ def filter_shard(task: dict) -> dict:
                 curated.write(doc)
                 yield doc
 
-    if task["exact"]:
+    if task.exact:
         from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig, ExactDedupSignature
 
         ExactDedupSignature(_dir(work, "exact", "sigs"), ExactDedupConfig(document_text)).run(
-            kept(), rank=shard, world_size=task["num_shards"])
+            kept(), rank=shard, world_size=task.num_shards)
     else:
         for _ in kept():
             pass
@@ -202,27 +203,27 @@ def _exact_filtered(work: Path, shard: int, docs: Iterator, writer=None) -> Iter
     return step.run(docs, rank=shard, world_size=1)
 
 
-def minhash_signatures(task: dict) -> dict:
+def minhash_signatures(task: SignatureTask) -> dict:
     """Stage 3 for one shard."""
     from datatrove.pipeline.dedup.minhash import MinhashDedupSignature
 
-    work, shard = Path(task["work"]), task["shard"]
+    work, shard = Path(task.work), task.shard
     docs = curated_documents(work, shard)
-    if task["exact"]:
+    if task.exact:
         docs = _exact_filtered(work, shard, docs)
-    MinhashDedupSignature(_dir(work, "minhash", "sigs"), _minhash(task["minhash"]),
-                          language=task["language"]).run(docs, rank=shard,
-                                                         world_size=task["num_shards"])
+    MinhashDedupSignature(_dir(work, "minhash", "sigs"), _minhash(task.minhash),
+                          language=task.language).run(docs, rank=shard,
+                                                         world_size=task.num_shards)
     return {}
 
 
-def minhash_bucket(task: dict) -> dict:
+def minhash_bucket(task: BucketTask) -> dict:
     """Stage 4 for one LSH band."""
     from datatrove.pipeline.dedup.minhash import MinhashDedupBuckets
 
-    work, cfg = Path(task["work"]), task["minhash"]
+    work, cfg = Path(task.work), task.minhash
     MinhashDedupBuckets(_dir(work, "minhash", "sigs"), _dir(work, "minhash", "buckets"),
-                        config=_minhash(cfg)).run(None, rank=task["bucket"],
+                        config=_minhash(cfg)).run(None, rank=task.bucket,
                                                   world_size=cfg.num_buckets)
     return {}
 

@@ -20,6 +20,9 @@ from typing import Iterable, Iterator, List
 import numpy as np
 
 from danube.data.tokenizer import Tokenizer, load_tokenizer
+from danube.prepare import curate
+from danube.prepare.sources import Reader
+from danube.prepare.tasks import TokenizeTask
 
 
 @functools.lru_cache(maxsize=2)
@@ -77,3 +80,22 @@ def build_prefix(shards: List[Path], prefix: Path, vocab_size: int) -> None:
     builder.finalize(f"{tmp}.idx")
     os.replace(f"{tmp}.bin", f"{prefix}.bin")
     os.replace(f"{tmp}.idx", f"{prefix}.idx")
+
+
+def tokenize_shard(task: TokenizeTask) -> dict:
+    """Worker task: the shard's (curated, deduplicated) documents -> <shard>.tokens and
+    <shard>.lengths.npy (tokenize_documents)."""
+    work, shard = Path(task.work), task.shard
+    tokenizer = cached_tokenizer(task.tokenizer)
+    stats: dict = {}
+    if task.curated:
+        texts = curate.deduplicated_texts(work, shard, task.exact, task.minhash, stats)
+    else:
+        reader = Reader(task.text_field, task.on_error)
+        texts = (text for text, _ in reader.shard(task.pieces))
+    result = tokenize_documents(texts, tokenizer, Path(task.prefix), task.append_eod,
+                                task.batch_size, task.add_bos)
+    if not task.curated:
+        stats = {"documents_in": result["documents_out"], "read_errors": dict(reader.errors),
+                 "documents_empty": reader.empty_documents}
+    return {**result, "duplicates": stats} if task.curated else {**result, **stats}

@@ -1,5 +1,8 @@
 """Cheap integrity checks of Megatron indexed datasets (<prefix>.bin + <prefix>.idx).
 
+Bottom of the house, beside paths.py and runtime.py: file formats only, importing nothing of
+ours, so the launch preflight (config/) reads them without climbing into data/ or training/.
+
 Reads the .idx header and its last sequence entry only (constant time, whatever the size), so
 the launch preflight can name a truncated or foreign file before anything is built.
 Format as written by megatron-core's `indexed_dataset._IndexWriter`: magic, version (u64 = 1),
