@@ -28,7 +28,7 @@ MODES = ("unpacked", "packed")
 def start_checkpoint(scratch: Path) -> Path:
     """danube_tiny's step-0 weights (the bench measures speed, not quality)."""
     subprocess.run([sys.executable, str(ROOT / "launchers" / "pretrain.py"),
-                    "trainer.max_steps=0", "model.optim.sched.max_steps=10",
+                    "trainer.max_steps=0", "model.optim.sched.max_steps=300",
                     "trainer.limit_val_batches=0", "trainer.limit_test_batches=0",
                     f"exp_manager.exp_dir={scratch}", "exp_manager.name=init"],
                    check=True, capture_output=True, cwd=ROOT)

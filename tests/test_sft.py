@@ -281,3 +281,118 @@ def test_sft_checkpoint_exports_to_hugging_face(tmp_path, init_checkpoint):
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["num_hidden_layers"] == 4 and config["hidden_size"] == 64
     assert any("val_loss" not in r for r in read_metrics(tmp_path / "danube_tiny_sft"))
+
+
+# --- LoRA ------------------------------------------------------------------------------------
+
+LORA = ["model.peft.peft_scheme=lora", "model.peft.lora_tuning.adapter_dim=4",
+        "model.peft.lora_tuning.alpha=16",
+        "model.peft.lora_tuning.target_modules=[attention_qkv,attention_dense,mlp_fc1,mlp_fc2]"]
+
+
+def _lora_model(peft_scheme: str):
+    from danube.config.schema import LoraTuningConfig, ModelConfig, PeftConfig
+    from danube.model.builder import build_model_chunks, transformer_config
+
+    m = ModelConfig(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
+                    num_query_groups=2, window_size=8, encoder_seq_length=24,
+                    max_position_embeddings=24)
+    peft = PeftConfig(peft_scheme, LoraTuningConfig(
+        adapter_dim=4, alpha=16, target_modules=["attention_qkv", "attention_dense", "mlp_fc1",
+                                                 "mlp_fc2"]))
+    return build_model_chunks(m, transformer_config(m, "32", False), 100, False, peft)[0]
+
+
+def _logits(model, tokens):
+    with torch.no_grad():
+        return model.eval()(tokens, torch.arange(tokens.shape[1])[None], None)
+
+
+def test_lora_starts_as_the_base_model_and_merges_exactly(tmp_path, megatron_world):
+    """Zero-initialised B: the adapted model's logits are the base model's (loaded from a
+    checkpoint without adapters); with trained (here random) adapters, W + (alpha/r) B A in
+    the base gives the adapted logits; only adapters require gradients."""
+    from danube.model.lora import LoRALinear
+    from danube.model.lora_merge import merge_lora
+    from danube.paths import CheckpointMeta
+    from danube.training import checkpoint as ckpt
+
+    torch.manual_seed(0)
+    base = _lora_model("none")
+    ckpt.save_checkpoint(tmp_path / "base", [base], CheckpointMeta(0, 0), "")
+    lora = _lora_model("lora")
+    with pytest.raises(ckpt.CheckpointMismatch, match="lora_"):
+        ckpt.load_checkpoint(tmp_path / "base", [lora])  # adapters are optional only if asked
+    ckpt.load_checkpoint(tmp_path / "base", [lora], optional=("lora_",))
+    tokens = torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(_logits(lora, tokens), _logits(base, tokens))
+    trainable = {n for n, p in lora.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith(("lora_a", "lora_b")) for n in trainable)
+    assert len(trainable) == 2 * 4 * 2  # A and B x 4 targets x 2 layers
+
+    with torch.no_grad():
+        for module in lora.modules():
+            if isinstance(module, LoRALinear):
+                module.lora_b.normal_(0, 0.1)
+    adapted = _logits(lora, tokens)
+    assert not torch.allclose(adapted, _logits(base, tokens))
+    with torch.no_grad():
+        for name, module in lora.named_modules():
+            if isinstance(module, LoRALinear):
+                target = base.get_submodule(name)
+                target.weight.copy_(merge_lora(module.base.weight, module.lora_a, module.lora_b,
+                                               module.scale))
+    torch.testing.assert_close(_logits(base, tokens), adapted, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def lora_reference(tmp_path_factory, init_checkpoint):
+    exp = tmp_path_factory.mktemp("lora_reference")
+    run_sft([*_common(exp, init_checkpoint), *LORA, *_packed(True), "model.optim.lr=2e-2",
+             "exp_manager.name=lora"])
+    records = train_records(exp / "lora")
+    assert list(records) == [1, 2, 3, 4, 5, 6] and records[6]["loss"] < records[1]["loss"]
+    return exp / "lora"
+
+
+def test_lora_trains_adapters_only_and_tp2_follows(tmp_path, init_checkpoint, lora_reference):
+    """The saved base weights are the starting checkpoint's, bit for bit; adapters are saved;
+    TP=2 (column- and row-parallel adapters) follows the single-process trajectory."""
+    from danube.conversion.mcore_files import DistCheckpointReader
+    from danube.paths import checkpoint_tensor_shapes
+
+    final = lora_reference / "checkpoints" / "step_00000006"
+    shapes = checkpoint_tensor_shapes(final)
+    assert shapes["decoder.layers.self_attention.linear_qkv.lora_a"] == (4, 4, 64)
+    assert shapes["decoder.layers.mlp.linear_fc2.lora_b"] == (4, 64, 4)
+    before, after = DistCheckpointReader(init_checkpoint), DistCheckpointReader(final)
+    for index in range(4):
+        start, end = before.layer(index), after.layer(index)
+        assert all(torch.equal(start[k], end[k]) for k in start)
+    assert torch.equal(before.tensor("embedding.word_embeddings.weight"),
+                       after.tensor("embedding.word_embeddings.weight"))
+    run_sft([*_common(tmp_path, init_checkpoint), *LORA, *_packed(True), "model.optim.lr=2e-2",
+             "model.tensor_model_parallel_size=2", "exp_manager.name=tp2"], nproc=2)
+    _assert_same(train_records(tmp_path / "tp2"), train_records(lora_reference))
+
+
+def test_lora_export_is_the_merged_model(tmp_path, lora_reference, megatron_world):
+    """mcore_to_hf merges the adapters: HF's logits equal the adapted model's."""
+    from danube.config.compose import load_model_config
+    from danube.config.schema import LoraTuningConfig, PeftConfig
+    from danube.model.builder import build_model_chunks, transformer_config
+    from danube.training import checkpoint as ckpt
+    from tests.test_conversion import convert, hf_logits
+
+    final = lora_reference / "checkpoints" / "step_00000006"
+    convert("mcore_to_hf.py", final, tmp_path / "hf")
+    m = load_model_config(final / "config.yaml")
+    peft = PeftConfig("lora", LoraTuningConfig(
+        adapter_dim=4, alpha=16, target_modules=["attention_qkv", "attention_dense", "mlp_fc1",
+                                                 "mlp_fc2"]))
+    vocab = load_tokenizer(final / "tokenizer").vocab_size
+    model = build_model_chunks(m, transformer_config(m, "32", False), vocab, False, peft)[0]
+    ckpt.load_checkpoint(final, [model])
+    tokens = torch.randint(0, vocab, (2, 40), generator=torch.Generator().manual_seed(2))
+    ours = _logits(model, tokens)[..., :vocab]
+    torch.testing.assert_close(hf_logits(tmp_path / "hf", tokens), ours, rtol=1e-4, atol=1e-4)

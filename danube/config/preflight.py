@@ -82,6 +82,11 @@ def _check_machine(cfg: PretrainConfig, machine: Machine, problems: List[str]) -
         problems.append("model.data.reset_attention_mask=true: Transformer Engine's causal "
                         f"attention (model.attention_backend={m.attention_backend}) ignores the "
                         "attention mask; use model.attention_backend=sdpa, or set it to false")
+    lora = getattr(getattr(m, "peft", None), "peft_scheme", "none") == "lora"
+    if lora and gpu_te and m.transformer_engine:
+        problems.append("model.peft.peft_scheme=lora wraps megatron's local linears; with "
+                        "Transformer Engine layers (fused norm + linear) it is not wired yet: "
+                        "set model.transformer_engine=false")
     packed = getattr(getattr(m.data, "train_ds", None), "packed_sequence", False)
     if packed and te_attention:
         problems.append("model.data.train_ds.packed_sequence=true isolates conversations with an "

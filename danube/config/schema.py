@@ -335,6 +335,31 @@ class SFTDataConfig:
 
 
 @dataclass
+class LoraTuningConfig:
+    adapter_dim: int = 32
+    """LoRA rank r."""
+    alpha: float = 32.0
+    """Scale numerator: adapters add (alpha / adapter_dim) * B A x."""
+    adapter_dropout: float = 0.0
+    """Dropout on the adapter's input."""
+    target_modules: List[str] = field(default_factory=lambda: ["attention_qkv"])
+    """attention_qkv | attention_dense | mlp_fc1 | mlp_fc2 (NeMo's names; megatron's linear_qkv
+    | linear_proj | linear_fc1 | linear_fc2 too)."""
+    column_init_method: str = "xavier"
+    """Init of A (the adapter's input side): xavier | kaiming | normal | zero."""
+    row_init_method: str = "zero"
+    """Init of B (the output side); zero makes the adapted model start as the base model."""
+
+
+@dataclass
+class PeftConfig:
+    peft_scheme: str = "none"
+    """none (full fine-tuning) | lora (frozen base, trained adapters, merged on export)."""
+    lora_tuning: LoraTuningConfig = field(default_factory=LoraTuningConfig)
+    """LoRA adapters."""
+
+
+@dataclass
 class SFTModelConfig(ModelConfig):
     """The architecture keys are read from the checkpoint SFT starts from (restore_from_path);
     set them only to repeat what it has."""
@@ -344,6 +369,8 @@ class SFTModelConfig(ModelConfig):
     token of the conversation."""
     data: SFTDataConfig = field(default_factory=SFTDataConfig)  # type: ignore[assignment]
     """Fine-tuning data."""
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    """Parameter-efficient fine-tuning (NeMo's model.peft)."""
 
 
 @dataclass

@@ -319,11 +319,36 @@ def _check_sft_data(cfg: SFTConfig, problems: List[str]) -> None:
         if not data.chat and "{" + ds.label_key + "}" not in ds.prompt_template:
             problems.append(f"{key}.prompt_template={ds.prompt_template!r} lacks "
                             f"{{{ds.label_key}}} (label_key)")
+    _check_peft(m, problems)
     ds = data.train_ds
     if (ds.global_batch_size, ds.micro_batch_size) != (m.global_batch_size, m.micro_batch_size):
         problems.append(f"model.data.train_ds global/micro batch sizes ({ds.global_batch_size}/"
                         f"{ds.micro_batch_size}) must equal model.global_batch_size/"
                         f"micro_batch_size ({m.global_batch_size}/{m.micro_batch_size})")
+
+
+def _check_peft(m, problems: List[str]) -> None:
+    from danube.model_names import LORA_TARGETS
+
+    peft, lora = m.peft, m.peft.lora_tuning
+    _check_choice(problems, "model.peft.peft_scheme", peft.peft_scheme, ("none", "lora"))
+    if peft.peft_scheme != "lora":
+        return
+    key = "model.peft.lora_tuning"
+    if lora.adapter_dim < 1:
+        problems.append(f"{key}.adapter_dim={lora.adapter_dim} must be >= 1")
+    if not 0 <= lora.adapter_dropout < 1:
+        problems.append(f"{key}.adapter_dropout={lora.adapter_dropout} must be in [0, 1)")
+    unknown = [t for t in lora.target_modules if t not in LORA_TARGETS]
+    if unknown or not lora.target_modules:
+        problems.append(f"{key}.target_modules={list(lora.target_modules)}: use some of "
+                        f"{', '.join(LORA_TARGETS)}")
+    for name in ("column_init_method", "row_init_method"):
+        _check_choice(problems, f"{key}.{name}", getattr(lora, name),
+                      ("xavier", "kaiming", "normal", "zero"))
+    if m.sequence_parallel:
+        problems.append("model.peft.peft_scheme=lora with model.sequence_parallel=true is not "
+                        "supported yet: set sequence_parallel=false")
 
 
 def validate(cfg) -> List[str]:

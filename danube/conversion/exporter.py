@@ -21,6 +21,7 @@ from danube.conversion.hf_files import ShardedSafetensorsWriter
 from danube.conversion.hf_tokenizer import generation_config, token_ids, write_hf_tokenizer
 from danube.conversion.layout import GLOBALS, Geometry, hf_layer_name, mcore_to_hf_layer
 from danube.data.tokenizer import load_tokenizer
+from danube.model.lora_merge import merge_lora
 from danube.paths import CONFIG_FILE, TOKENIZER_DIR, checkpoint_problem
 
 _DTYPES = {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float16: "float16"}
@@ -58,7 +59,8 @@ def export_hf(ckpt: Path, hf_dir: Path, max_shard_bytes: int = 5 * 2**30,
         # The model's own rows (an imported config.json may have more than its tokenizer);
         # only megatron's padding beyond them is dropped.
         vocab = model.vocab_size or tokenizer.vocab_size
-        dtype = _stream_weights(reader, model, vocab, tmp, max_shard_bytes)
+        dtype = _stream_weights(reader, model, vocab, tmp, max_shard_bytes,
+                                lora_scale(ckpt / CONFIG_FILE))
         ids = token_ids(tokenizer, tokenizer_dir)
         config = hf_config_from_model(model, vocab, ids, dtype)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
@@ -68,7 +70,25 @@ def export_hf(ckpt: Path, hf_dir: Path, max_shard_bytes: int = 5 * 2**30,
     return hf_dir
 
 
-def _stream_weights(reader, model, vocab: int, out_dir: Path, max_shard_bytes: int) -> str:
+def lora_scale(config_path: Path) -> float:
+    """alpha / adapter_dim of a LoRA run's saved config (1.0 when it has none)."""
+    from omegaconf import OmegaConf
+
+    lora = OmegaConf.select(OmegaConf.load(config_path), "model.peft.lora_tuning")
+    return float(lora.alpha) / lora.adapter_dim if lora is not None else 1.0
+
+
+def merge_adapters(layer: dict, adapters: dict, scale: float) -> dict:
+    """W + scale * B A for every adapted linear of one layer (megatron layout, full tensors)."""
+    merged = dict(layer)
+    for key in {k.rsplit(".", 1)[0] for k in adapters}:
+        merged[f"{key}.weight"] = merge_lora(layer[f"{key}.weight"], adapters[f"{key}.lora_a"],
+                                             adapters[f"{key}.lora_b"], scale)
+    return merged
+
+
+def _stream_weights(reader, model, vocab: int, out_dir: Path, max_shard_bytes: int,
+                    scale: float) -> str:
     """Write every weight in HF names and order; returns the dtype name."""
     writer = ShardedSafetensorsWriter(out_dir, max_shard_bytes)
     if reader.num_layers != model.num_layers:
@@ -79,8 +99,12 @@ def _stream_weights(reader, model, vocab: int, out_dir: Path, max_shard_bytes: i
     dtype = _DTYPES[embedding.dtype]
     del embedding
     geometry = Geometry.of(model)
+    adapters = reader.adapter_keys()
     for index in tqdm(range(model.num_layers), desc="layers", unit="layer"):
-        for key, tensor in mcore_to_hf_layer(reader.layer(index), geometry).items():
+        layer = reader.layer(index)
+        if adapters:  # LoRA: the exported model is the merged one
+            layer = merge_adapters(layer, reader.layer(index, adapters), scale)
+        for key, tensor in mcore_to_hf_layer(layer, geometry).items():
             writer.add(hf_layer_name(index, key), tensor)
     writer.add(GLOBALS["decoder.final_layernorm.weight"],
                reader.tensor("decoder.final_layernorm.weight"))

@@ -78,9 +78,15 @@ class DistCheckpointReader:
     def tensor(self, key: str) -> torch.Tensor:
         return self._read({key: ()})[key]
 
-    def layer(self, index: int) -> Dict[str, torch.Tensor]:
+    def adapter_keys(self) -> list:
+        """Layer keys (relative to decoder.layers.N) of LoRA adapters in this checkpoint."""
+        prefix = f"{LAYER_PREFIX}."
+        return sorted(key[len(prefix):] for key in self.tensors
+                      if key.startswith(prefix) and key.rsplit(".", 1)[-1] in ("lora_a", "lora_b"))
+
+    def layer(self, index: int, keys=LAYER_KEYS) -> Dict[str, torch.Tensor]:
         """Layer `index`'s tensors, keyed relative to decoder.layers.N (see layout.py)."""
         full = {f"{LAYER_PREFIX}.{k}": (index,) + (0,) * (len(self.tensors[
-            f"{LAYER_PREFIX}.{k}"].size) - 1) for k in LAYER_KEYS}
+            f"{LAYER_PREFIX}.{k}"].size) - 1) for k in keys}
         loaded = self._read(full)
-        return {k: loaded[f"{LAYER_PREFIX}.{k}"][0] for k in LAYER_KEYS}
+        return {k: loaded[f"{LAYER_PREFIX}.{k}"][0] for k in keys}

@@ -158,9 +158,10 @@ def layer_spec(model: ModelConfig, config: TransformerConfig, use_te: bool, vp_s
 
 
 def build_model_chunks(
-    model: ModelConfig, config: TransformerConfig, vocab_size: int, use_te: bool
+    model: ModelConfig, config: TransformerConfig, vocab_size: int, use_te: bool, peft=None
 ) -> List[GPTModel]:
-    """This rank's GPTModel chunks: one, or one per virtual pipeline stage."""
+    """This rank's GPTModel chunks: one, or one per virtual pipeline stage; with a `peft`
+    section asking for LoRA, adapters on its target linears and the rest frozen."""
     num_chunks = model.virtual_pipeline_model_parallel_size or 1
     chunks = []
     for chunk in range(num_chunks):
@@ -184,6 +185,10 @@ def build_model_chunks(
                 vp_stage=vp_stage,
             )
         )
+    if peft is not None and peft.peft_scheme == "lora":
+        from danube.model.lora import add_lora
+
+        add_lora(chunks, peft.lora_tuning, model.seed)
     return chunks
 
 

@@ -209,34 +209,58 @@ def _is_extra_state(key: str) -> bool:
     return key.split("/")[0].endswith(EXTRA_STATE)
 
 
-def _absent_weights(path: Path, keys) -> None:
-    absent = sorted(k for k in keys if not _is_extra_state(k))
+def _absent_weights(path: Path, keys, optional=()) -> None:
+    absent = sorted(k for k in keys if not _is_extra_state(k)
+                    and not any(f".{name}" in k for name in optional))
     if absent:
         raise CheckpointMismatch(
             f"{path} lacks {len(absent)} tensor(s) this model needs, e.g. {absent[:4]}: it was "
             "written for another architecture (compare its config.yaml with this run's)")
 
 
-def _load_module(chunk, state: dict, path: Path) -> None:
-    """load_state_dict that lets Transformer Engine extra state (FP8 scaling metadata) stay
-    freshly initialised when the checkpoint has none (written by the local spec: CPU runs, HF
-    imports), and refuses any other missing entry."""
+def _load_module(chunk, state: dict, path: Path, optional=()) -> None:
+    """load_state_dict that lets Transformer Engine extra state (FP8 scaling metadata), and
+    the `optional` entries, stay freshly initialised when the checkpoint has none (written by
+    the local spec: CPU runs, HF imports; a base model under new adapters), and refuses any
+    other missing entry."""
     result = unwrap_model(chunk).load_state_dict(state, strict=False)
-    _absent_weights(path, result.missing_keys)
+    _absent_weights(path, result.missing_keys, optional)
     unexpected = [k for k in result.unexpected_keys if not _is_extra_state(k)]
     if unexpected:
         raise CheckpointMismatch(f"{path} holds tensors this model has no place for: "
                                  f"{sorted(unexpected)[:4]}")
 
 
+def _adapters_present(path: Path, state: dict) -> None:
+    """A LoRA model resuming needs adapters in the checkpoint (megatron would fail deep inside
+    its SwiGLU factory merge instead of naming the problem)."""
+    from danube.paths import checkpoint_tensor_shapes
+
+    wanted = [n for chunk in state.values() for n in chunk if ".lora_" in n]
+    if wanted and not any(".lora_" in key for key in checkpoint_tensor_shapes(path)):
+        raise CheckpointMismatch(
+            f"{path} has no LoRA adapters (lora_a/lora_b) but this model has {len(wanted)}: "
+            "it was not written by a LoRA run. Start from it with model.restore_from_path in a "
+            "new experiment (adapters start fresh) instead of resuming")
+
+
 def load_checkpoint(
-    path: Path, model: List, optimizer=None, scheduler=None, distributed_optimizer: bool = False
+    path: Path, model: List, optimizer=None, scheduler=None, distributed_optimizer: bool = False,
+    optional=(),
 ) -> CheckpointMeta:
-    """Collective. Loads the model; with optimizer/scheduler also their states and the RNG."""
+    """Collective. Loads the model; with optimizer/scheduler also their states and the RNG.
+    Entries named in `optional` (e.g. "lora_": adapters new to a run starting from a base
+    model) are not read even where the checkpoint has them, and keep their initial values."""
     meta = read_meta(path)
     full = optimizer is not None
     metadata = sharded_metadata(distributed_optimizer and full)
     state = model_sharded_state_dict(model, metadata)
+    if optional:
+        state = {key: {name: value for name, value in chunk.items()
+                       if not any(f".{o}" in name for o in optional)}
+                 for key, chunk in state.items()}
+    else:
+        _adapters_present(path, state)
     # RNG states are per (PP, TP) rank: they only carry over to the same layout.
     same_layout = meta.layout.get("tp") == parallel_state.get_tensor_model_parallel_world_size() \
         and meta.layout.get("pp") == parallel_state.get_pipeline_model_parallel_world_size()
@@ -251,9 +275,9 @@ def load_checkpoint(
     # the checkpoint has (TE extra state, into a local-spec model) are never asked for.
     loaded, _, not_in_checkpoint = dist_checkpointing.load(
         state, str(path), strict=StrictHandling.RETURN_UNEXPECTED)
-    _absent_weights(path, not_in_checkpoint)
+    _absent_weights(path, not_in_checkpoint, optional)
     for key, chunk in zip(_state_keys(model), model):
-        _load_module(chunk, loaded[key], path)
+        _load_module(chunk, loaded[key], path, optional)
     if full:
         # The distributed optimizer copies into fp32 main params that are views of leaves.
         with torch.no_grad():

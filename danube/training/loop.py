@@ -112,7 +112,7 @@ def build_trainer(cfg, tokenizer, vocab_size: int, per_token_loss: bool = False)
     use_te = uses_transformer_engine(m)
     config = transformer_config(m, normalized_precision(cfg.trainer.precision), use_te)
     config.calculate_per_token_loss = per_token_loss
-    chunks = build_model_chunks(m, config, vocab_size, use_te)
+    chunks = build_model_chunks(m, config, vocab_size, use_te, getattr(m, "peft", None))
     model = wrap_for_training(chunks, config, m.optim)
     optimizer = build_optimizer(m.optim, cfg.trainer.gradient_clip_val, config, model)
     scheduler = build_scheduler(m.optim, cfg.trainer.max_steps, optimizer)
@@ -144,7 +144,8 @@ def restore(trainer: Trainer, initial_weights: Optional[Path]) -> None:
         trainer.last_val_loss = meta.val_loss
         trainer.log.info(f"resumed from {latest} (step {meta.step})")
     elif initial_weights is not None:
-        ckpt.load_checkpoint(initial_weights, trainer.model)
+        # Fresh adapters (LoRA) are not in the checkpoint the run starts from.
+        ckpt.load_checkpoint(initial_weights, trainer.model, optional=("lora_",))
         # The loaded weights are bf16/fp32 model params; refresh the fp32 main copies.
         trainer.optimizer.reload_model_params()
         trainer.log.info(f"initialised weights from {initial_weights}")
