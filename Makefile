@@ -6,30 +6,37 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.danube-installed
+TEST_STAMP := $(VENV)/.danube-test-installed
 
-.PHONY: setup demo test bench bench-data clean
+.PHONY: setup setup-test demo test bench bench-data clean
 
 setup: $(STAMP)
+setup-test: $(TEST_STAMP)
 
 # torch first: on the CPU machines `pip install torch==2.13.0` takes the local CPU wheel, and
 # installing it before anything that depends on torch keeps pip from pulling a CUDA build.
-# Where torch is already importable (NGC container, a user's venv) it is left alone.
+# Where torch is already importable (NGC container, a user's venv) it is left alone. The demo
+# needs the package alone; the tests (and the HF benchmarks) add transformers and datasets.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -e .
 	touch $(STAMP)
+
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $(TEST_STAMP)
 
 demo: setup
 	$(BIN)/python launchers/pretrain.py
 	$(BIN)/python launchers/sft.py
 	$(BIN)/python launchers/summary.py results/danube_tiny results/danube_tiny_sft
 
-test: setup
+test: setup-test
 	$(BIN)/python -m pytest -q
 
-bench: setup
+bench: setup-test
 	$(BIN)/python bench/throughput.py
 
 bench-data: setup

@@ -135,6 +135,20 @@ def test_bad_records_name_file_and_line_or_are_skipped(tokenizer_dir, tmp_path, 
     assert skipped.stats["skipped_bad_records"] == 1 and len(skipped.samples) == 1
 
 
+def test_a_tokenizer_without_template_or_danube_markers_is_refused(tmp_path):
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers, trainers
+
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.train_from_iterator(["plain text only"] * 20, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["</s>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(ChatDataError, match="has no chat template and lacks"):
+        ChatTemplate.for_tokenizer(load_tokenizer(tmp_path))
+
+
 def test_packing_isolates_conversations_and_is_deterministic():
     """First-fit decreasing: 40 | 30 | 25 -> row 1 | 10 -> row 0 | 5 -> row 0."""
     rows = pack_rows([30, 10, 25, 40, 5], capacity=64, packed=True)

@@ -37,6 +37,7 @@ DANUBE_CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|answer|>' }}{% endif %}"
 )
+DANUBE_CHAT_MARKERS = ("<|system|>", "<|prompt|>", "<|answer|>")
 ROLES = ("system", "user", "assistant")
 
 
@@ -127,7 +128,16 @@ class ChatTemplate:
         if prompt_tokens is not None:
             return cls(nemo_chat_template(prompt_tokens), tokenizer)
         directory = tokenizer.path.parent if tokenizer.path is not None else None
-        return cls(tokenizer_chat_template(directory) or DANUBE_CHAT_TEMPLATE, tokenizer)
+        own = tokenizer_chat_template(directory)
+        if own is None:
+            missing = [t for t in DANUBE_CHAT_MARKERS if tokenizer.hf.token_to_id(t) is None]
+            if missing:
+                raise ChatDataError(
+                    f"tokenizer {tokenizer.path} has no chat template and lacks H2O-Danube's "
+                    f"markers {missing} (they would be split into pieces): use a tokenizer "
+                    "with a chat template (tokenizer_config.json or chat_template.jinja), or "
+                    "set model.data.chat_prompt_tokens")
+        return cls(own or DANUBE_CHAT_TEMPLATE, tokenizer)
 
     def render(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
         return self.template.render(messages=list(messages), bos_token=self.bos_token,
