@@ -69,34 +69,35 @@ def hydra_runner(config_name: str, config_path: Optional[str] = None) -> Callabl
 
 def to_pretrain_config(cfg: DictConfig) -> PretrainConfig:
     """Resolve interpolations and return the typed dataclass."""
+    return _typed(cfg, PretrainConfig, SCHEMA_NAME)
+
+
+def _typed(cfg: DictConfig, schema: type, schema_name: str):
+    """Resolve interpolations and return the typed dataclass of `schema`."""
     obj = OmegaConf.to_object(cfg)
-    if not isinstance(obj, PretrainConfig):
-        raise TypeError(
-            f"config composed to {type(obj).__name__}, not PretrainConfig: its defaults list "
-            f"must start with '{SCHEMA_NAME}'"
-        )
+    if not isinstance(obj, schema):
+        raise TypeError(f"config composed to {type(obj).__name__}, not {schema.__name__}: its "
+                        f"defaults list must start with '{schema_name}'")
     return obj
+
+
+def _compose(config_dir, config_name: str, overrides: Optional[List[str]]) -> DictConfig:
+    """Compose like a launcher does, without running anything (tests, tools)."""
+    register_schemas()
+    GlobalHydra.instance().clear()
+    with hydra.initialize_config_dir(config_dir=str(config_dir), version_base=None):
+        return hydra.compose(config_name=config_name, overrides=list(overrides or []))
 
 
 def to_sft_config(cfg: DictConfig) -> SFTConfig:
-    """Resolve interpolations and return the typed SFT dataclass."""
-    obj = OmegaConf.to_object(cfg)
-    if not isinstance(obj, SFTConfig):
-        raise TypeError(f"config composed to {type(obj).__name__}, not SFTConfig: its defaults "
-                        f"list must start with '{SFT_SCHEMA_NAME}'")
-    return obj
+    return _typed(cfg, SFTConfig, SFT_SCHEMA_NAME)
 
 
 def compose_sft_config(config_name: str, overrides: Optional[List[str]] = None,
                        config_dir: Optional[str] = None) -> SFTConfig:
     """Compose a configs/sft/ config like launchers/sft.py does (before the checkpoint's
     architecture is read: see `danube.config.finetune`)."""
-    register_schemas()
-    GlobalHydra.instance().clear()
-    with hydra.initialize_config_dir(config_dir=str(config_dir or SFT_CONFIG_DIR),
-                                     version_base=None):
-        cfg = hydra.compose(config_name=config_name, overrides=list(overrides or []))
-    return to_sft_config(cfg)
+    return to_sft_config(_compose(config_dir or SFT_CONFIG_DIR, config_name, overrides))
 
 
 def load_model_config(path: os.PathLike) -> ModelConfig:
@@ -113,33 +114,20 @@ def to_prepare_config(cfg: DictConfig):
     """Resolve interpolations and return the typed data-preparation dataclass."""
     from danube.prepare.config import PrepareConfig
 
-    obj = OmegaConf.to_object(cfg)
-    if not isinstance(obj, PrepareConfig):
-        raise TypeError(f"config composed to {type(obj).__name__}, not PrepareConfig: its "
-                        f"defaults list must start with '{PREPARE_SCHEMA_NAME}'")
-    return obj
+    return _typed(cfg, PrepareConfig, PREPARE_SCHEMA_NAME)
 
 
 def compose_prepare_config(config_name: str, overrides: Optional[List[str]] = None,
                            config_dir: Optional[str] = None):
     """Compose a configs/data/ config like launchers/prepare_data.py does."""
-    register_schemas()
-    GlobalHydra.instance().clear()
-    with hydra.initialize_config_dir(config_dir=str(config_dir or DATA_CONFIG_DIR),
-                                     version_base=None):
-        cfg = hydra.compose(config_name=config_name, overrides=list(overrides or []))
-    return to_prepare_config(cfg)
+    return to_prepare_config(_compose(config_dir or DATA_CONFIG_DIR, config_name, overrides))
 
 
 def compose_pretrain_config(
     config_name: str, overrides: Optional[List[str]] = None, config_dir: Optional[str] = None
 ) -> PretrainConfig:
     """Compose like the launcher does, without running anything (tests, tools)."""
-    register_schemas()
-    GlobalHydra.instance().clear()
-    with hydra.initialize_config_dir(config_dir=str(config_dir or CONFIG_DIR), version_base=None):
-        cfg = hydra.compose(config_name=config_name, overrides=list(overrides or []))
-    return to_pretrain_config(cfg)
+    return to_pretrain_config(_compose(config_dir or CONFIG_DIR, config_name, overrides))
 
 
 def to_yaml(config: PretrainConfig) -> str:
