@@ -96,25 +96,16 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return worker(args.worker, args.overrides, args.steps, args.warmup)
+    from rounds import best_of_rounds
+
     from danube.runtime import cpu_capability, cpu_native_bf16
 
-    best = {}
     with tempfile.TemporaryDirectory() as scratch:
         init = start_checkpoint(Path(scratch))
-        for _ in range(args.rounds):
-            for mode in MODES:
-                out = subprocess.run(
-                    [sys.executable, __file__, "--worker", mode, "--steps", str(args.steps),
-                     "--warmup", str(args.warmup), f"model.restore_from_path={init}",
-                     *args.overrides],
-                    capture_output=True, text=True, cwd=ROOT,
-                    env={**os.environ, "BENCH_DIR": scratch})
-                if out.returncode != 0:
-                    sys.exit(f"{mode} failed:\n{out.stderr[-3000:]}")
-                result = json.loads(out.stdout.strip().splitlines()[-1])
-                if mode not in best or result["trained_tokens_per_s"] > \
-                        best[mode]["trained_tokens_per_s"]:
-                    best[mode] = result
+        best = best_of_rounds(__file__, MODES, args.rounds,
+                              ["--steps", str(args.steps), "--warmup", str(args.warmup),
+                               f"model.restore_from_path={init}", *args.overrides],
+                              "trained_tokens_per_s", scratch)
     base = best["unpacked"]["trained_tokens_per_s"]
     print(f"\ndanube_tiny_sft {' '.join(args.overrides)} | best of {args.rounds} rounds of "
           f"{args.steps} timed steps | CPU {cpu_capability()} (native bf16: "

@@ -24,12 +24,8 @@ import json
 import os
 import resource
 import statistics
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 ENGINES = ("danube-fp32", "danube-bf16", "hf-fp32", "hf-bf16")
 
 
@@ -168,22 +164,14 @@ def main() -> None:
 
     import tempfile
 
+    from rounds import best_of_rounds
+
     from danube.runtime import cpu_capability, cpu_native_bf16, resolve_precision
 
-    best = {}
     with tempfile.TemporaryDirectory() as scratch:
-        for _ in range(args.rounds):
-            for engine in args.engines.split(","):
-                out = subprocess.run(
-                    [sys.executable, __file__, "--worker", engine, "--steps", str(args.steps),
-                     "--warmup", str(args.warmup), *args.overrides],
-                    capture_output=True, text=True, env={**os.environ, "BENCH_DIR": scratch},
-                    cwd=ROOT)
-                if out.returncode != 0:
-                    sys.exit(f"{engine} failed:\n{out.stderr[-3000:]}")
-                result = json.loads(out.stdout.strip().splitlines()[-1])
-                if engine not in best or result["tokens_per_s"] > best[engine]["tokens_per_s"]:
-                    best[engine] = result
+        best = best_of_rounds(__file__, args.engines.split(","), args.rounds,
+                              ["--steps", str(args.steps), "--warmup", str(args.warmup),
+                               *args.overrides], "tokens_per_s", scratch)
     results = list(best.values())
     base = next((r["tokens_per_s"] for r in results if r["engine"] == "hf-fp32"), None)
     print(f"\nconfig {os.environ.get('BENCH_CONFIG', 'danube_tiny')} {' '.join(args.overrides)}"

@@ -15,6 +15,20 @@ EMBEDDED_SOURCES = ("prose", "code")
 # The built-in SFT set (danube.data.embedded_chat): config name -> its file in the cache.
 EMBEDDED_CHAT = {"embedded:chat": "train.jsonl", "embedded:chat_validation": "validation.jsonl"}
 
+# Keys whose change makes a checkpoint's weights unusable (preflight compares them before
+# loading one).
+ARCHITECTURE_KEYS = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+    "kv_channels", "normalization", "activation", "bias", "position_embedding_type",
+    "share_embeddings_and_output_weights", "make_vocab_size_divisible_by",
+)
+# Everything a checkpoint fixes about its model: the keys above plus what shapes its numerics
+# and vocabulary; a fine-tuning run takes them all from the checkpoint it starts from.
+ARCHITECTURE_FIELDS = ARCHITECTURE_KEYS + (
+    "window_size", "rotary_base", "rotary_percentage", "layernorm_epsilon", "vocab_size",
+    "max_position_embeddings", "init_method_std",
+)
+
 
 def normalized_precision(precision: str) -> str:
     """'32' or 'bf16' (bf16 and bf16-mixed mean the same: bf16 compute, fp32 main weights).

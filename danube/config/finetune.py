@@ -9,16 +9,8 @@ from pathlib import Path
 from typing import Optional
 
 from danube.config.compose import load_model_config
+from danube.config.derived import ARCHITECTURE_FIELDS
 from danube.paths import CONFIG_FILE, TOKENIZER_DIR, is_complete, latest_checkpoint
-
-# What a checkpoint fixes: the shape and semantics of its weights.
-ARCHITECTURE_FIELDS = (
-    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-    "kv_channels", "window_size", "position_embedding_type", "rotary_base", "rotary_percentage",
-    "normalization", "layernorm_epsilon", "activation", "bias",
-    "share_embeddings_and_output_weights", "vocab_size", "make_vocab_size_divisible_by",
-    "max_position_embeddings", "init_method_std",
-)
 
 
 def start_checkpoint(path: Optional[str]) -> Optional[Path]:

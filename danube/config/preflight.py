@@ -6,6 +6,7 @@ raised with the config's in one `ConfigError`. Nothing here writes anything.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 
 from danube.config.compose import load_model_config
 from danube.config.derived import (
+    ARCHITECTURE_KEYS,
     EMBEDDED_CHAT,
     EMBEDDED_PREFIX,
     blend_paths,
@@ -38,13 +40,6 @@ from danube.paths import (
     read_meta,
 )
 from danube.runtime import launch_info, transformer_engine_available
-
-# Keys whose change makes a checkpoint's weights unusable: checked before resuming.
-ARCHITECTURE_KEYS = (
-    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-    "kv_channels", "normalization", "activation", "bias", "position_embedding_type",
-    "share_embeddings_and_output_weights", "make_vocab_size_divisible_by",
-)
 
 
 @dataclass(frozen=True)
@@ -115,29 +110,39 @@ def _check_files(cfg: PretrainConfig, problems: List[str]) -> None:
             problems.append(f"model.data.data_prefix: {problem}")
         elif not isinstance(m.data.data_prefix, dict):
             _check_split_sizes(prefix, m.data.splits_string, problems)
-    _check_vocab(m, problems)
-    if m.tokenizer.library == "huggingface" and m.tokenizer.model:
-        path = Path(m.tokenizer.model)
-        json_path = path / "tokenizer.json" if path.is_dir() else path
-        if not json_path.is_file():
-            problems.append(f"model.tokenizer.model={m.tokenizer.model}: no tokenizer.json there; "
-                            "give the file or the directory that holds it")
+    _check_tokenizer(m, problems)
+
+
+def _tokenizer_json(m) -> Path:
+    path = Path(m.tokenizer.model or "")
+    return path / "tokenizer.json" if path.is_dir() else path
+
+
+@functools.lru_cache(maxsize=4)
+def _tokens_in(json_path: str, mtime_ns: int, size: int) -> int:
+    """Tokens of a tokenizer.json, parsed once per file version (several checks ask)."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(json_path).get_vocab_size(with_added_tokens=True)
 
 
 def tokenizer_vocab_size(m) -> Optional[int]:
     """Tokens of the configured tokenizer (None when its file is missing: reported apart)."""
     if m.tokenizer.library == "embedded":
         return m.tokenizer.vocab_size
-    path = Path(m.tokenizer.model or "")
-    json_path = path / "tokenizer.json" if path.is_dir() else path
+    json_path = _tokenizer_json(m)
     if not json_path.is_file():
         return None
-    from tokenizers import Tokenizer
+    stat = json_path.stat()
+    return _tokens_in(str(json_path), stat.st_mtime_ns, stat.st_size)
 
-    return Tokenizer.from_file(str(json_path)).get_vocab_size(with_added_tokens=True)
 
-
-def _check_vocab(m, problems: List[str]) -> None:
+def _check_tokenizer(m, problems: List[str]) -> None:
+    """The tokenizer file is there, and the model has a row for each of its tokens."""
+    if m.tokenizer.library == "huggingface" and m.tokenizer.model \
+            and not _tokenizer_json(m).is_file():
+        problems.append(f"model.tokenizer.model={m.tokenizer.model}: no tokenizer.json there; "
+                        "give the file or the directory that holds it")
     vocab = tokenizer_vocab_size(m)
     if vocab is not None and m.vocab_size is not None and vocab > m.vocab_size:
         problems.append(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's "
@@ -241,9 +246,7 @@ def _check_sft_files(cfg: SFTConfig, problems: List[str]) -> None:
             if path not in EMBEDDED_CHAT and not Path(path).is_file():
                 problems.append(f"model.data.{split}.file_path: {path} not found (a JSONL file "
                                 "of conversations)")
-    _check_vocab(m, problems)
-    if m.tokenizer.model and tokenizer_vocab_size(m) is None:
-        problems.append(f"model.tokenizer.model={m.tokenizer.model}: no tokenizer.json there")
+    _check_tokenizer(m, problems)
 
 
 def preflight(cfg, machine: Machine) -> List[str]:

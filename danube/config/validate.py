@@ -19,6 +19,7 @@ from danube.config.derived import (
     world_size,
 )
 from danube.config.schema import ModelConfig, PretrainConfig, SFTConfig
+from danube.model_names import LORA_TARGETS
 
 PRECISIONS = ("auto", "32", "bf16", "bf16-mixed")
 
@@ -328,8 +329,6 @@ def _check_sft_data(cfg: SFTConfig, problems: List[str]) -> None:
 
 
 def _check_peft(m, problems: List[str]) -> None:
-    from danube.model_names import LORA_TARGETS
-
     peft, lora = m.peft, m.peft.lora_tuning
     _check_choice(problems, "model.peft.peft_scheme", peft.peft_scheme, ("none", "lora"))
     if peft.peft_scheme != "lora":

@@ -9,16 +9,10 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from danube.data.chat import DANUBE_CHAT_TEMPLATE
+from danube.data.chat import DANUBE_CHAT_TEMPLATE, declared_token
 from danube.data.tokenizer import MODEL_TOKEN_IDS_FILE, TOKENIZER_FILES, Tokenizer
 
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
-
-
-def _declared_token(config: dict, key: str) -> Optional[str]:
-    """tokenizer_config.json's `bos_token` etc.: a string, or an AddedToken dict."""
-    value = config.get(key)
-    return value.get("content") if isinstance(value, dict) else value
 
 
 def token_ids(tokenizer: Tokenizer, directory: Optional[Path] = None) -> dict:
@@ -32,7 +26,7 @@ def token_ids(tokenizer: Tokenizer, directory: Optional[Path] = None) -> dict:
     config_path = directory / "tokenizer_config.json"
     declared = json.loads(config_path.read_text()) if config_path.is_file() else {}
     for key in TOKEN_ID_KEYS:
-        name = _declared_token(declared, key[:-3])
+        name = declared_token(declared, key[:-3])
         if name is not None and tokenizer.hf.token_to_id(name) is not None:
             ids[key] = tokenizer.hf.token_to_id(name)
     recorded = directory / MODEL_TOKEN_IDS_FILE

@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from danube.conversion.layout import LAYER_KEYS, LAYER_PREFIX
+from danube.model_names import LORA_ADAPTERS
 
 
 @contextlib.contextmanager
@@ -82,7 +83,7 @@ class DistCheckpointReader:
         """Layer keys (relative to decoder.layers.N) of LoRA adapters in this checkpoint."""
         prefix = f"{LAYER_PREFIX}."
         return sorted(key[len(prefix):] for key in self.tensors
-                      if key.startswith(prefix) and key.rsplit(".", 1)[-1] in ("lora_a", "lora_b"))
+                      if key.startswith(prefix) and key.rsplit(".", 1)[-1] in LORA_ADAPTERS)
 
     def layer(self, index: int, keys=LAYER_KEYS) -> Dict[str, torch.Tensor]:
         """Layer `index`'s tensors, keyed relative to decoder.layers.N (see layout.py)."""

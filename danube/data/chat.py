@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from danube.data.tokenizer import Tokenizer
 
@@ -76,7 +76,8 @@ class Encoded:
     truncated: bool = False
 
 
-def _declared(config: dict, key: str) -> Optional[str]:
+def declared_token(config: dict, key: str) -> Optional[str]:
+    """tokenizer_config.json's `bos_token` etc.: a string, or an AddedToken dict."""
     value = config.get(key)
     return value.get("content") if isinstance(value, dict) else value
 
@@ -116,9 +117,9 @@ class ChatTemplate:
         config_path = directory / "tokenizer_config.json" if directory else None
         config = json.loads(config_path.read_text()) if config_path and config_path.is_file() \
             else {}
-        self.bos_token = _declared(config, "bos_token") or (
+        self.bos_token = declared_token(config, "bos_token") or (
             tokenizer.hf.id_to_token(tokenizer.bos) if tokenizer.bos is not None else "")
-        self.eos_token = _declared(config, "eos_token") or tokenizer.hf.id_to_token(
+        self.eos_token = declared_token(config, "eos_token") or tokenizer.hf.id_to_token(
             tokenizer.eod)
 
     @classmethod
@@ -266,5 +267,3 @@ def read_jsonl(path: Path, on_error: str, errors: List[str]) -> List[Tuple[dict,
             records.append((record, where))
     return records
 
-
-Encoder = Callable[[dict, str], Encoded]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Dict, List
 
 import numpy as np
 import torch
@@ -195,14 +195,6 @@ def step_batches(dataset: SFTDataset, indices: np.ndarray, seq_length: int, pack
              for i in range(0, len(mine), micro_batch_size)]
     trained = sum(int(s.trained[1:].sum()) for s in samples)
     return StepBatches(micro, len(samples), trained)
-
-
-def iterate_steps(dataset: SFTDataset, first_step: int, last_step: int, global_batch_size: int,
-                  seed: int, shuffle: bool, **batching) -> Iterator[StepBatches]:
-    for step in range(first_step, last_step):
-        indices = global_batch_indices(len(dataset.samples), global_batch_size, step, seed,
-                                       shuffle)
-        yield step_batches(dataset, indices, **batching)
 
 
 def steps_per_epoch(dataset: SFTDataset, global_batch_size: int) -> int:

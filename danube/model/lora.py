@@ -20,7 +20,7 @@ model starts as the base model. The base weights are frozen. Checkpoints keep th
 from __future__ import annotations
 
 import math
-from typing import Dict, List
+from typing import List
 
 import torch
 from megatron.core import parallel_state
@@ -36,15 +36,7 @@ from megatron.core.tensor_parallel.mappings import (
 from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
-# NeMo's target names (Aligner's gpt_sft.yaml) and megatron-core's module names -> module path
-# (danube.model_names.LORA_TARGETS lists the same names for the config checks)
-TARGETS: Dict[str, str] = {
-    "attention_qkv": "self_attention.linear_qkv", "linear_qkv": "self_attention.linear_qkv",
-    "attention_dense": "self_attention.linear_proj", "linear_proj": "self_attention.linear_proj",
-    "mlp_fc1": "mlp.linear_fc1", "linear_fc1": "mlp.linear_fc1",
-    "mlp_fc2": "mlp.linear_fc2", "linear_fc2": "mlp.linear_fc2",
-}
-ADAPTER_KEYS = ("lora_a", "lora_b")
+from danube.model_names import LORA_TARGETS
 
 
 def _init(kind: str, tensor: torch.Tensor, generator: torch.Generator) -> None:
@@ -134,11 +126,12 @@ class LoRALinear(torch.nn.Module):
 
 def add_lora(chunks: List[torch.nn.Module], lora, seed: int) -> List[torch.nn.Module]:
     """Wrap the targeted linears of every transformer layer; freeze everything else."""
+    paths = list(dict.fromkeys(LORA_TARGETS[t] for t in lora.target_modules))
     for chunk in chunks:
         for param in chunk.parameters():
             param.requires_grad = False
         for layer in chunk.decoder.layers:
-            for index, name in enumerate(dict.fromkeys(TARGETS[t] for t in lora.target_modules)):
+            for index, name in enumerate(paths):
                 parent_name, attr = name.rsplit(".", 1)
                 parent = layer.get_submodule(parent_name)
                 layer_seed = seed * 100_003 + layer.layer_number * 97 + index
