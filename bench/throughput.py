@@ -75,8 +75,9 @@ def run_danube(overrides, steps, warmup, precision: str):
     times = []
     for data in batches:
         start = time.perf_counter()
-        loss, _, _ = train_step(trainer.model, trainer.optimizer, trainer.scheduler,
-                                data.micro_batches, trainer.device)
+        metrics, _, _ = train_step(trainer.model, trainer.optimizer, trainer.scheduler,
+                                   data.micro_batches, trainer.device)
+        loss = metrics["lm loss"]
         if trainer.device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)

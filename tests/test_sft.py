@@ -180,7 +180,7 @@ def test_packed_batch_loss_equals_each_conversation_alone(tokenizer_dir, tmp_pat
     model = build_model_chunks(m, transformer_config(m, "32", False), tokenizer.vocab_size,
                                False)[0].eval()
     packed = collate_rows([samples], 96, 0, block_mask=True)
-    ours = evaluate([model], [[packed]], torch.device("cpu"))
+    ours = evaluate([model], [[packed]], torch.device("cpu"))["lm loss"]
     total, count = 0.0, 0
     with torch.no_grad():
         for sample in samples:

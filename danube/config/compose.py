@@ -16,14 +16,16 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
-from danube.config.schema import ModelConfig, PretrainConfig, SFTConfig
+from danube.config.schema import DPOConfig, ModelConfig, PretrainConfig, SFTConfig
 
 SCHEMA_NAME = "danube_pretrain_schema"
 PREPARE_SCHEMA_NAME = "danube_prepare_schema"
 SFT_SCHEMA_NAME = "danube_sft_schema"
+DPO_SCHEMA_NAME = "danube_dpo_schema"
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 DATA_CONFIG_DIR = CONFIG_DIR / "data"
 SFT_CONFIG_DIR = CONFIG_DIR / "sft"
+DPO_CONFIG_DIR = CONFIG_DIR / "dpo"
 
 # NeMo's hydra_runner does the same: no outputs/ directory, no chdir, no logging takeover.
 _HYDRA_DEFAULT_OVERRIDES = [
@@ -42,6 +44,7 @@ def register_schemas() -> None:
     ConfigStore.instance().store(name=SCHEMA_NAME, node=PretrainConfig)
     ConfigStore.instance().store(name=PREPARE_SCHEMA_NAME, node=PrepareConfig)
     ConfigStore.instance().store(name=SFT_SCHEMA_NAME, node=SFTConfig)
+    ConfigStore.instance().store(name=DPO_SCHEMA_NAME, node=DPOConfig)
 
 
 def hydra_runner(config_name: str, config_path: Optional[str] = None) -> Callable:
@@ -98,6 +101,16 @@ def compose_sft_config(config_name: str, overrides: Optional[List[str]] = None,
     """Compose a configs/sft/ config like launchers/sft.py does (before the checkpoint's
     architecture is read: see `danube.config.finetune`)."""
     return to_sft_config(_compose(config_dir or SFT_CONFIG_DIR, config_name, overrides))
+
+
+def to_dpo_config(cfg: DictConfig) -> DPOConfig:
+    return _typed(cfg, DPOConfig, DPO_SCHEMA_NAME)
+
+
+def compose_dpo_config(config_name: str, overrides: Optional[List[str]] = None,
+                       config_dir: Optional[str] = None) -> DPOConfig:
+    """Compose a configs/dpo/ config like launchers/dpo.py does."""
+    return to_dpo_config(_compose(config_dir or DPO_CONFIG_DIR, config_name, overrides))
 
 
 def load_model_config(path: os.PathLike) -> ModelConfig:

@@ -12,8 +12,13 @@ from danube.config.schema import DataConfig, ModelConfig, PretrainConfig
 
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_SOURCES = ("prose", "code")
-# The built-in SFT set (danube.data.embedded_chat): config name -> its file in the cache.
-EMBEDDED_CHAT = {"embedded:chat": "train.jsonl", "embedded:chat_validation": "validation.jsonl"}
+# The built-in SFT set and its preference pairs (danube.data.embedded_chat): config name ->
+# its file in the cache.
+EMBEDDED_CHAT = {"embedded:chat": "train.jsonl", "embedded:chat_validation": "validation.jsonl",
+                 "embedded:preference": "preference_train.jsonl",
+                 "embedded:preference_validation": "preference_validation.jsonl"}
+# model.dpo.preference_loss choices (danube.training.dpo defines them).
+PREFERENCE_LOSSES = ("dpo", "ipo", "rpo_sq", "rpo_bwd_kl", "rpo_fwd_kl", "hinge", "robust")
 
 # Keys whose change makes a checkpoint's weights unusable (preflight compares them before
 # loading one).

@@ -23,7 +23,7 @@ from danube.config.derived import (
     padded_vocab_size,
     world_size,
 )
-from danube.config.schema import PretrainConfig, SFTConfig
+from danube.config.schema import DPOConfig, PretrainConfig, SFTConfig
 from danube.indexed_files import (
     documents_for_splits,
     empty_splits,
@@ -82,9 +82,12 @@ def _check_machine(cfg: PretrainConfig, machine: Machine, problems: List[str]) -
         problems.append("model.peft.peft_scheme=lora wraps megatron's local linears; with "
                         "Transformer Engine layers (fused norm + linear) it is not wired yet: "
                         "set model.transformer_engine=false")
-    packed = getattr(getattr(m.data, "train_ds", None), "packed_sequence", False)
+    packed_key, packed = "train_ds.packed_sequence", getattr(
+        getattr(m.data, "train_ds", None), "packed_sequence", False)
+    if isinstance(cfg, DPOConfig):
+        packed_key, packed = "packed_sequence", m.data.packed_sequence
     if packed and te_attention:
-        problems.append("model.data.train_ds.packed_sequence=true isolates conversations with an "
+        problems.append(f"model.data.{packed_key}=true isolates sequences with an "
                         "attention mask, which Transformer Engine's causal attention "
                         f"(model.attention_backend={m.attention_backend}) ignores: use "
                         "model.attention_backend=sdpa (THD packing through TE is not wired yet)")
@@ -247,16 +250,58 @@ def _check_sft_files(cfg: SFTConfig, problems: List[str]) -> None:
                 problems.append(f"model.data.{split}.file_path: {path} not found (a JSONL file "
                                 "of conversations)")
     _check_tokenizer(m, problems)
+    _check_start_adapters(m, problems)
+
+
+def _check_start_adapters(m, problems: List[str]) -> None:
+    """A fine-tuning run starting from a LoRA run's checkpoint merges its adapters on loading,
+    which needs adapters of the same targets and rank in this run."""
+    from omegaconf import OmegaConf
+
+    from danube.model_names import LORA_TARGETS
+
+    start = Path(m.restore_from_path) if m.restore_from_path else None
+    if start is None or not is_complete(start) or not (start / CONFIG_FILE).is_file():
+        return
+    saved = OmegaConf.select(OmegaConf.load(start / CONFIG_FILE), "model.peft")
+    if saved is None or saved.get("peft_scheme") != "lora":
+        return
+    theirs, ours = saved.lora_tuning, m.peft.lora_tuning
+    same = m.peft.peft_scheme == "lora" and ours.adapter_dim == theirs.adapter_dim and \
+        {LORA_TARGETS[t] for t in ours.target_modules} == \
+        {LORA_TARGETS[t] for t in theirs.target_modules if t in LORA_TARGETS}
+    if not same:
+        problems.append(
+            f"model.restore_from_path={start} was written by a LoRA run (adapter_dim "
+            f"{theirs.adapter_dim}, target_modules {list(theirs.target_modules)}): its adapters "
+            "are merged into the base weights on loading, which needs the same "
+            "model.peft.lora_tuning.adapter_dim and target_modules here (model.peft.peft_scheme"
+            "=lora); or merge them first (conversion/mcore_to_hf.py, then hf_to_mcore.py)")
+
+
+def _check_dpo_files(cfg: DPOConfig, problems: List[str]) -> None:
+    prefix = cfg.model.data.data_prefix
+    for split, file_path in (prefix.items() if isinstance(prefix, dict) else ()):
+        paths = [] if not file_path else (
+            [file_path] if isinstance(file_path, str) else list(file_path))
+        for path in paths:
+            if path not in EMBEDDED_CHAT and not Path(path).is_file():
+                problems.append(f"model.data.data_prefix.{split}: {path} not found (a JSONL file "
+                                "of preference pairs)")
+    _check_tokenizer(cfg.model, problems)
+    _check_start_adapters(cfg.model, problems)
+
+
+# Each stage's own files (data, tokenizer), by config type.
+STAGE_FILES = {PretrainConfig: _check_files, SFTConfig: _check_sft_files,
+               DPOConfig: _check_dpo_files}
 
 
 def preflight(cfg, machine: Machine) -> List[str]:
-    """Every launch-time problem of a pretraining or SFT launch (never raises, never
+    """Every launch-time problem of a pretraining, SFT or DPO launch (never raises, never
     writes)."""
     problems: List[str] = []
     _check_machine(cfg, machine, problems)
-    if isinstance(cfg, SFTConfig):
-        _check_sft_files(cfg, problems)
-    else:
-        _check_files(cfg, problems)
+    STAGE_FILES[type(cfg)](cfg, problems)
     _check_checkpoints(cfg, problems)
     return problems

@@ -383,3 +383,107 @@ class SFTConfig:
     """Output directory, checkpoints, resume."""
     model: SFTModelConfig = field(default_factory=SFTModelConfig)
     """Starting checkpoint, parallelism, data, optimizer."""
+
+
+# --- Direct preference optimization (NeMo-Aligner's gpt_dpo.yaml names) -----------------------
+
+
+@dataclass
+class DPOLossConfig:
+    """model.dpo. With u = sum (or mean, preference_average_log_probs) over response tokens of
+    log pi - log pi_ref, d = u_chosen - u_rejected, g the pair's rewards, eta gt_reward_scale:
+    dpo -log sigmoid(beta d) | ipo (d - 1/(2 beta))^2 | rpo_sq (beta d - eta (g_c - g_r))^2 |
+    rpo_bwd_kl KL(sigmoid(eta dg) || sigmoid(beta d)) | rpo_fwd_kl the reverse | hinge
+    relu(1 - beta d) | robust (label smoothing). Total = preference_loss_weight * preference +
+    sft_loss_weight * (-log pi(chosen)), averaged over the valid pairs of the global batch."""
+
+    ref_policy_kl_penalty: float = 0.2
+    """beta."""
+    preference_average_log_probs: bool = False
+    """u per token (mean over the response) instead of the sum; TRL's IPO is the mean, Aligner's
+    the sum."""
+    sft_average_log_probs: bool = "${model.dpo.preference_average_log_probs}"  # type: ignore
+    """The SFT term per token instead of per sequence."""
+    gt_reward_scale: float = 1.0
+    """eta: scale of the ground-truth rewards (rpo_*)."""
+    preference_loss: str = "dpo"
+    """dpo | ipo | rpo_sq | rpo_bwd_kl | rpo_fwd_kl | hinge | robust."""
+    preference_loss_weight: float = 1.0
+    """Weight of the preference loss."""
+    sft_loss_weight: float = 0.0
+    """Weight of the SFT term (negative log-likelihood of the chosen response)."""
+    label_smoothing: float = 0.0
+    """epsilon of the robust loss (the assumed rate of flipped labels), in [0, 0.5)."""
+    log_prob_forward_micro_batch_size: Optional[int] = None
+    """Micro-batch size of the reference pass: it must be model.micro_batch_size (null: that),
+    so that policy and reference log-probs are bit-identical at step 0."""
+    ref_log_probs: str = "on_the_fly"
+    """on_the_fly: the reference pass runs for every global batch | precompute: one pass before
+    training, stored on disk (keyed by the tokenized data, the reference checkpoint and the
+    precision) and reused by later runs, resumes and other parallel layouts."""
+    ref_log_probs_cache_dir: Optional[str] = None
+    """Where precomputed reference log-probs are kept; default $DANUBE_CACHE/ref_log_probs
+    (or ~/.cache/danube/ref_log_probs)."""
+
+
+@dataclass
+class DPODataConfig:
+    data_impl: str = "jsonl"
+    """jsonl (packing is `packed_sequence`, done at batch time: no offline packed files)."""
+    data_prefix: Any = field(default_factory=lambda: {"train": None, "validation": None,
+                                                      "test": None})
+    """{train, validation, test}: JSONL files of pairs, each a path or a list; null: no such
+    split. `embedded:preference` / `embedded:preference_validation` name the built-in pairs.
+    A line: {"prompt", "chosen_response", "rejected_response"[, "chosen_reward",
+    "rejected_reward"]} (prompt a rendered string or a list of messages, responses strings or
+    assistant messages), or TRL's {"prompt", "chosen", "rejected"}."""
+    seq_length: int = "${model.encoder_seq_length}"  # type: ignore[assignment]
+    """Most positions of one sequence (prompt + response); a longer pair is masked out of the
+    loss and of every mean, and counted."""
+    default_chosen_reward: float = 1.0
+    """g_c of pairs without chosen_reward (rpo_* losses)."""
+    default_rejected_reward: float = 0.0
+    """g_r of pairs without rejected_reward."""
+    append_eod: bool = True
+    """End a string-form response with the end-of-sequence token when it lacks it (message-form
+    responses end with the chat template's end-of-turn token anyway); it is trained."""
+    add_bos: bool = False
+    """Start every sequence with the beginning-of-sequence token."""
+    chat_prompt_tokens: Optional[ChatPromptTokensConfig] = None
+    """Message-form records: NeMo's fixed template; null: the tokenizer's chat template, else
+    H2O-Danube's."""
+    packed_sequence: bool = False
+    """Pack pairs into rows of 2 x seq_length (chosen and rejected of a pair in the same row,
+    every sequence isolated); micro_batch_size then counts rows."""
+    shuffle: bool = True
+    """Reshuffle the pairs every epoch (seeded by model.seed)."""
+    on_error: str = "raise"
+    """raise: stop at the first bad record, naming file and line | skip: count and go on."""
+    embedded_cache_dir: Optional[str] = None
+    """Cache of the embedded data; default $DANUBE_CACHE or ~/.cache/danube."""
+
+
+@dataclass
+class DPOModelConfig(ModelConfig):
+    """The architecture keys are read from the checkpoint DPO starts from (restore_from_path),
+    which is also the reference policy. micro_batch_size and global_batch_size count pairs
+    (unpacked; packed: micro_batch_size counts rows)."""
+
+    dpo: DPOLossConfig = field(default_factory=DPOLossConfig)
+    """Preference loss and reference policy."""
+    data: DPODataConfig = field(default_factory=DPODataConfig)  # type: ignore[assignment]
+    """Preference pairs."""
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    """LoRA (the reference is then the model with its adapters disabled)."""
+
+
+@dataclass
+class DPOConfig:
+    name: str = "danube_dpo"
+    """Config name, for the logs."""
+    trainer: SFTTrainerConfig = field(default_factory=SFTTrainerConfig)
+    """Run length (steps or epochs), precision, logging cadence."""
+    exp_manager: ExpManagerConfig = field(default_factory=ExpManagerConfig)
+    """Output directory, checkpoints, resume."""
+    model: DPOModelConfig = field(default_factory=DPOModelConfig)
+    """Starting checkpoint (= reference), parallelism, data, loss, optimizer."""

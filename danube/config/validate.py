@@ -12,13 +12,14 @@ from typing import List
 from danube.config.derived import (
     EMBEDDED_PREFIX,
     EMBEDDED_SOURCES,
+    PREFERENCE_LOSSES,
     blend_paths,
     data_parallel_size,
     normalized_precision,
     parse_blend,
     world_size,
 )
-from danube.config.schema import ModelConfig, PretrainConfig, SFTConfig
+from danube.config.schema import DPOConfig, ModelConfig, PretrainConfig, SFTConfig
 from danube.model_names import LORA_TARGETS
 
 PRECISIONS = ("auto", "32", "bf16", "bf16-mixed")
@@ -328,6 +329,53 @@ def _check_sft_data(cfg: SFTConfig, problems: List[str]) -> None:
                         f"micro_batch_size ({m.global_batch_size}/{m.micro_batch_size})")
 
 
+def _check_dpo(cfg: DPOConfig, problems: List[str]) -> None:
+    m, data, d = cfg.model, cfg.model.data, cfg.model.dpo
+    if not m.restore_from_path:
+        problems.append("model.restore_from_path is required: the checkpoint (or run directory) "
+                        "DPO starts from, also the reference policy (an SFT run's)")
+    prefix = data.data_prefix
+    if not isinstance(prefix, dict) or set(prefix) - {"train", "validation", "test"}:
+        problems.append(f"model.data.data_prefix={prefix!r} must be a mapping with train "
+                        "(and optionally validation, test): JSONL files of pairs")
+    elif not prefix.get("train"):
+        problems.append("model.data.data_prefix.train is required: a JSONL file of preference "
+                        "pairs (or a list), or embedded:preference")
+    if data.data_impl != "jsonl":
+        problems.append(f"model.data.data_impl={data.data_impl!r}: only jsonl; for packing set "
+                        "model.data.packed_sequence=true (no offline packed files needed)")
+    _check_choice(problems, "model.data.on_error", data.on_error, ("raise", "skip"))
+    _check_choice(problems, "model.dpo.preference_loss", d.preference_loss, PREFERENCE_LOSSES)
+    _check_choice(problems, "model.dpo.ref_log_probs", d.ref_log_probs,
+                  ("on_the_fly", "precompute"))
+    if d.ref_policy_kl_penalty <= 0:
+        problems.append(f"model.dpo.ref_policy_kl_penalty={d.ref_policy_kl_penalty} (beta) must "
+                        "be > 0")
+    if not 0 <= d.label_smoothing < 0.5:
+        problems.append(f"model.dpo.label_smoothing={d.label_smoothing} must be in [0, 0.5)")
+    if d.log_prob_forward_micro_batch_size not in (None, m.micro_batch_size):
+        problems.append(f"model.dpo.log_prob_forward_micro_batch_size="
+                        f"{d.log_prob_forward_micro_batch_size} must equal model.micro_batch_size"
+                        f"={m.micro_batch_size} (or null): the reference runs the policy's "
+                        "micro-batches, so that both agree bit for bit at step 0")
+    if d.preference_loss_weight == 0 and d.sft_loss_weight == 0:
+        problems.append("model.dpo.preference_loss_weight and sft_loss_weight are both 0: "
+                        "nothing would be trained")
+    for key in ("hidden_dropout", "attention_dropout"):
+        if getattr(m, key) > 0:
+            problems.append(f"model.{key}={getattr(m, key)}: DPO needs dropout off (the policy "
+                            "must equal the reference at step 0, and the log-prob ratios must "
+                            "not be noise): set it to 0")
+    if m.context_parallel_size > 1:
+        problems.append("model.context_parallel_size > 1 is not supported for DPO yet (per-pair "
+                        "log-probs are gathered per sequence): set it to 1")
+    _check_peft(m, problems)
+    if m.peft.peft_scheme == "lora" and m.peft.lora_tuning.row_init_method != "zero":
+        problems.append("model.peft.lora_tuning.row_init_method must be zero for DPO: the "
+                        "reference is the model with adapters disabled, so the adapted model "
+                        "must start equal to it")
+
+
 def _check_peft(m, problems: List[str]) -> None:
     peft, lora = m.peft, m.peft.lora_tuning
     _check_choice(problems, "model.peft.peft_scheme", peft.peft_scheme, ("none", "lora"))
@@ -359,8 +407,9 @@ def validate(cfg) -> List[str]:
     _check_parallelism(cfg, problems)
     _check_fp8(cfg, problems)
     _check_optim(cfg, problems)
-    if isinstance(cfg, SFTConfig):
-        _check_sft_data(cfg, problems)
-    else:
-        _check_data(cfg, problems)
+    STAGE_CHECKS[type(cfg)](cfg, problems)
     return problems
+
+
+# Each stage's own section checks (data, losses, adapters), by config type.
+STAGE_CHECKS = {PretrainConfig: _check_data, SFTConfig: _check_sft_data, DPOConfig: _check_dpo}

@@ -7,6 +7,13 @@ For every public top-level function with a docstring, a NeMo chat conversation:
 Written as NeMo chat JSONL (`{"system", "conversations": [{"from", "value"}], "mask"}`),
 split into train and validation by a hash of the function's name (held-out functions), into
 the embedded cache. `embedded:chat` and `embedded:chat_validation` name the two files.
+
+Preference pairs for DPO from the same functions, in NeMo-Aligner's message form:
+    {"prompt": [system?, user: What does `module.function` do?],
+     "chosen_response": {assistant: its first docstring sentence},
+     "rejected_response": {assistant: the first sentence of another function's docstring}}
+(a fluent, plausible answer about the wrong function), named `embedded:preference` and
+`embedded:preference_validation`.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from danube.config.derived import EMBEDDED_CHAT
 from danube.data.embedded import default_cache_dir, stdlib_files
 
 SYSTEM = "You are a concise assistant that explains the Python standard library."
-_VERSION = 1
+_VERSION = 2
 
 
 def _first_sentence(doc: str) -> str:
@@ -70,6 +77,26 @@ def conversations() -> Iterator[Tuple[str, dict]]:
             yield ("validation" if digest % 20 == 0 else "train"), record
 
 
+def preference_pairs(records: List[dict]) -> Iterator[dict]:
+    """A pair per conversation of one split: the question of its first turn, its answer
+    (chosen) and the answer of the conversation `len // 2` places on in a hash order
+    (rejected: another function's sentence, never the same text)."""
+    order = sorted(range(len(records)), key=lambda i: hashlib.sha256(
+        records[i]["conversations"][0]["value"].encode()).hexdigest())
+    for k, i in enumerate(order):
+        record = records[i]
+        question, answer = (turn["value"] for turn in record["conversations"][:2])
+        step = len(order) // 2
+        other = records[order[(k + step) % len(order)]]["conversations"][1]["value"]
+        while other == answer and step < len(order):
+            step += 1
+            other = records[order[(k + step) % len(order)]]["conversations"][1]["value"]
+        prompt = ([{"role": "system", "content": record["system"]}] if record["system"]
+                  else []) + [{"role": "user", "content": question}]
+        yield {"prompt": prompt, "chosen_response": {"role": "assistant", "content": answer},
+               "rejected_response": {"role": "assistant", "content": other}}
+
+
 def ensure_embedded_chat(cache_dir: Path | None = None) -> Path:
     """The cached train/validation JSONL directory, written on first use (atomically)."""
     root = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -78,13 +105,13 @@ def ensure_embedded_chat(cache_dir: Path | None = None) -> Path:
         return final
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".building-chat-", dir=root))
-    outputs = {split: open(tmp / f"{split}.jsonl", "w") for split in ("train", "validation")}
-    try:
-        for split, record in conversations():
-            outputs[split].write(json.dumps(record) + "\n")
-    finally:
-        for f in outputs.values():
-            f.close()
+    records: dict = {"train": [], "validation": []}
+    for split, record in conversations():
+        records[split].append(record)
+    for split, items in records.items():
+        (tmp / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
+        (tmp / f"preference_{split}.jsonl").write_text(
+            "".join(json.dumps(p) + "\n" for p in preference_pairs(items)))
     try:
         os.replace(tmp, final)
     except OSError:

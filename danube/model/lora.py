@@ -20,7 +20,8 @@ model starts as the base model. The base weights are frozen. Checkpoints keep th
 from __future__ import annotations
 
 import math
-from typing import List
+from contextlib import contextmanager
+from typing import Iterator, List
 
 import torch
 from megatron.core import parallel_state
@@ -91,9 +92,12 @@ class LoRALinear(torch.nn.Module):
                                              1 if self.row else 0, 1)
         self.scale = alpha / rank
         self.dropout = torch.nn.Dropout(dropout)
+        self.enabled = True  # false: the base linear alone (DPO's reference policy)
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
         out, bias = self.base(x, *args, **kwargs)  # [s, b, out or out/TP]
+        if not self.enabled:
+            return out, bias
         h = torch.nn.functional.linear(self.dropout(x), self.lora_a)  # [s, b, r] (partial: row)
         h = reduce_from_tensor_model_parallel_region(h) if self.row \
             else copy_to_tensor_model_parallel_region(h)
@@ -122,6 +126,38 @@ class LoRALinear(torch.nn.Module):
                 state[f"{prefix}lora_b"], sharded_offsets,
                 (metadata or {}).get("singleton_local_shards", False))
         return state
+
+
+@contextmanager
+def adapters_disabled(chunks: List[torch.nn.Module]) -> Iterator[None]:
+    """The base model: every adapter off inside the block (no copy of any weight)."""
+    modules = lora_modules(chunks)
+    for module in modules:
+        module.enabled = False
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.enabled = True
+
+
+def lora_modules(chunks: List[torch.nn.Module]) -> List[LoRALinear]:
+    return [m for chunk in chunks for m in chunk.modules() if isinstance(m, LoRALinear)]
+
+
+@torch.no_grad()
+def merge_and_restart(chunks: List[torch.nn.Module], scale: float,
+                      fresh: List[tuple]) -> None:
+    """Fold every loaded adapter into its base weight (W + scale B A, this rank's shard: the
+    column-parallel B and the row-parallel A are split like W) and put back the fresh
+    adapters `fresh` [(A, B)] a new run starts from."""
+    from danube.model.lora_merge import merge_lora
+
+    for module, (a, b) in zip(lora_modules(chunks), fresh):
+        module.base.weight.copy_(merge_lora(module.base.weight, module.lora_a, module.lora_b,
+                                            scale))
+        module.lora_a.copy_(a)
+        module.lora_b.copy_(b)
 
 
 def add_lora(chunks: List[torch.nn.Module], lora, seed: int) -> List[torch.nn.Module]:

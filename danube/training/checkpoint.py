@@ -231,6 +231,21 @@ def _load_module(chunk, state: dict, path: Path, optional=()) -> None:
                                  f"{sorted(unexpected)[:4]}")
 
 
+def checkpoint_has_adapters(path: Path) -> bool:
+    """Written by a LoRA run (it holds lora_a / lora_b)."""
+    from danube.paths import checkpoint_tensor_shapes
+
+    return any(".lora_" in key for key in checkpoint_tensor_shapes(path))
+
+
+def lora_scale(path: Path) -> float:
+    """alpha / adapter_dim of the LoRA run that wrote checkpoint `path`."""
+    from danube.conversion.exporter import lora_scale as scale_of_config
+    from danube.paths import CONFIG_FILE
+
+    return scale_of_config(path / CONFIG_FILE)
+
+
 def _adapters_present(path: Path, state: dict) -> None:
     """A LoRA model resuming needs adapters in the checkpoint (megatron would fail deep inside
     its SwiGLU factory merge instead of naming the problem)."""

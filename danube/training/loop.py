@@ -9,9 +9,9 @@ the parallel and batch sizes); each stage's schema provides them.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 from megatron.core import parallel_state
@@ -36,7 +36,7 @@ from danube.training.engine import (
     wrap_for_training,
 )
 from danube.training.metrics import MetricsLogger
-from danube.training.step import evaluate, train_step
+from danube.training.step import TOKEN_LOSS_METRICS, LossFn, evaluate, token_loss, train_step
 
 
 @dataclass
@@ -49,6 +49,12 @@ class StepData:
     """Samples (sequences, conversations) of the whole global batch."""
     tokens: int
     """Trained tokens of the whole global batch (for tokens/s)."""
+    counts: Dict[str, int] = field(default_factory=dict)
+    """Per-step counts logged with the step (DPO: masked_pairs)."""
+
+
+def token_metrics(means: Dict[str, float]) -> Dict[str, float]:
+    return {"loss": means["lm loss"]}
 
 
 @dataclass
@@ -63,7 +69,20 @@ class Recipe:
     per_token_loss: bool = False
     """Normalize the loss by the trained tokens of the whole global batch (megatron-core's
     calculate_per_token_loss) instead of per micro-batch: exact under packing, accumulation
-    and data parallelism when micro-batches hold different token counts."""
+    and data parallelism when micro-batches hold different token counts (DPO: the count is
+    pairs)."""
+    loss_fn: LossFn = token_loss
+    """A micro-batch's loss and report (`danube.training.step.token_loss`'s protocol)."""
+    metric_names: Sequence[str] = TOKEN_LOSS_METRICS
+    """Names in the reports, reduced to means over the global batch."""
+    metrics: Callable[[Dict[str, float]], Dict[str, float]] = token_metrics
+    """Means -> the logged metrics ("loss" first)."""
+    console: Sequence[str] = ()
+    """Metrics shown on the console line beside the loss."""
+    perplexity: bool = True
+    """Log validation perplexity (token cross-entropy losses)."""
+    after_step: Optional[Callable[[int, Dict[str, float]], None]] = None
+    """Called with the step just done and its metrics (DPO: the step-0 reference check)."""
 
 
 @dataclass
@@ -132,6 +151,28 @@ def agreed_latest_checkpoint(root: Path) -> Optional[Path]:
     return None if choice[0] is None else Path(choice[0])
 
 
+def load_initial(trainer: Trainer, initial_weights: Path, what: str = "initialised weights"
+                 ) -> None:
+    """The starting weights (fine-tuning); adapters (LoRA) start fresh. A checkpoint written
+    by a LoRA run is the adapted model: its adapters are merged into the base weights here
+    (the run's own adapters then start fresh on top), which needs the same LoRA targets and
+    rank in this run (preflight checks it)."""
+    from danube.model.lora import lora_modules, merge_and_restart
+
+    adapted = ckpt.checkpoint_has_adapters(initial_weights)
+    if adapted:
+        fresh = [(m.lora_a.detach().clone(), m.lora_b.detach().clone())
+                 for m in lora_modules(trainer.model)]
+        ckpt.load_checkpoint(initial_weights, trainer.model)
+        merge_and_restart(trainer.model, ckpt.lora_scale(initial_weights), fresh)
+    else:
+        ckpt.load_checkpoint(initial_weights, trainer.model, optional=("lora_",))
+    # The loaded weights are bf16/fp32 model params; refresh the fp32 main copies.
+    trainer.optimizer.reload_model_params()
+    trainer.log.info(f"{what} from {initial_weights}"
+                     + (" (its LoRA adapters merged into the base weights)" if adapted else ""))
+
+
 def restore(trainer: Trainer, initial_weights: Optional[Path]) -> None:
     """Resume from this experiment's newest checkpoint, else load `initial_weights`."""
     cfg = trainer.cfg
@@ -144,20 +185,19 @@ def restore(trainer: Trainer, initial_weights: Optional[Path]) -> None:
         trainer.last_val_loss = meta.val_loss
         trainer.log.info(f"resumed from {latest} (step {meta.step})")
     elif initial_weights is not None:
-        # Fresh adapters (LoRA) are not in the checkpoint the run starts from.
-        ckpt.load_checkpoint(initial_weights, trainer.model, optional=("lora_",))
-        # The loaded weights are bf16/fp32 model params; refresh the fp32 main copies.
-        trainer.optimizer.reload_model_params()
-        trainer.log.info(f"initialised weights from {initial_weights}")
+        load_initial(trainer, initial_weights)
 
 
 def _validate(trainer: Trainer, split: str, batches: int) -> Optional[float]:
-    steps = trainer.recipe.eval_steps(split, batches) if batches else None
+    recipe = trainer.recipe
+    steps = recipe.eval_steps(split, batches) if batches else None
     if steps is None:
         return None
-    loss = evaluate(trainer.model, [s.micro_batches for s in steps], trainer.device)
-    trainer.log.log_validation(trainer.step, loss, split)
-    return loss
+    means = evaluate(trainer.model, [s.micro_batches for s in steps], trainer.device,
+                     recipe.loss_fn, recipe.metric_names)
+    metrics = recipe.metrics(means)
+    trainer.log.log_validation(trainer.step, metrics, split, recipe.perplexity)
+    return metrics["loss"]
 
 
 def save(trainer: Trainer) -> None:
@@ -182,26 +222,31 @@ def save(trainer: Trainer) -> None:
 
 
 def train_loop(trainer: Trainer) -> None:
-    cfg, t = trainer.cfg, trainer.cfg.trainer
+    cfg, t, recipe = trainer.cfg, trainer.cfg.trainer, trainer.recipe
     every = cfg.exp_manager.checkpoint_callback_params.every_n_train_steps
-    steps = trainer.recipe.train_steps(trainer.step, t.max_steps, trainer.consumed_samples)
+    steps = recipe.train_steps(trainer.step, t.max_steps, trainer.consumed_samples)
     trainer.log.start(trainer.step)
     window_time, window_tokens = 0.0, 0  # training time only: not validation, not saving
     while trainer.step < t.max_steps:
         step_start = time.perf_counter()
         data = next(steps)
-        loss, lr, grad_norm = train_step(trainer.model, trainer.optimizer, trainer.scheduler,
-                                         data.micro_batches, trainer.device)
+        means, lr, grad_norm = train_step(trainer.model, trainer.optimizer, trainer.scheduler,
+                                          data.micro_batches, trainer.device, recipe.loss_fn,
+                                          recipe.metric_names)
+        metrics = {**recipe.metrics(means), **data.counts}
         trainer.step += 1
+        if recipe.after_step is not None:
+            recipe.after_step(trainer.step, metrics)
         trainer.consumed_samples += data.samples
         step_time = time.perf_counter() - step_start
         window_time, window_tokens = window_time + step_time, window_tokens + data.tokens
         last = trainer.step == t.max_steps
         if trainer.step % t.log_every_n_steps == 0 or last:
             trainer.log.log_train(
-                trainer.step, loss, lr, None if grad_norm is None else float(grad_norm),
+                trainer.step, metrics, lr, None if grad_norm is None else float(grad_norm),
                 window_tokens / window_time, step_time, trainer.consumed_samples,
-                trained_tokens=data.tokens if trainer.recipe.per_token_loss else None)
+                trained_tokens=data.tokens if recipe.per_token_loss else None,
+                console=recipe.console)
             window_time, window_tokens = 0.0, 0
         if trainer.step % t.val_check_interval == 0 or last:
             trainer.last_val_loss = _validate(trainer, "val", t.limit_val_batches)

@@ -11,7 +11,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional, Sequence
 
 
 class MetricsLogger:
@@ -48,28 +48,36 @@ class MetricsLogger:
                 if key != "step" and isinstance(value, (int, float)):
                     self.tb.add_scalar(key, value, record["step"])
 
-    def log_train(self, step: int, loss: float, lr: float, grad_norm: Optional[float],
-                  tokens_per_s: float, step_time: float, consumed_samples: int,
-                  trained_tokens: Optional[int] = None) -> None:
-        """tokens_per_s counts trained tokens when the recipe masks some (SFT)."""
+    def log_train(self, step: int, metrics: Dict[str, float], lr: float,
+                  grad_norm: Optional[float], tokens_per_s: float, step_time: float,
+                  consumed_samples: int, trained_tokens: Optional[int] = None,
+                  console: Sequence[str] = ()) -> None:
+        """`metrics` holds "loss" and whatever else the recipe reports (DPO: acc, rewards...);
+        tokens_per_s counts trained tokens when the recipe masks some (SFT)."""
         if not self.enabled:
             return
-        record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+        record = {"step": step, **metrics, "lr": lr, "grad_norm": grad_norm,
                   "tokens_per_s": tokens_per_s, "step_time_s": step_time,
                   "consumed_samples": consumed_samples}
         if trained_tokens is not None:
             record["trained_tokens"] = trained_tokens
         self._write(record)
         norm = "n/a" if grad_norm is None else f"{grad_norm:.3f}"
-        print(f"step {step}/{self.max_steps} | loss {loss:.4f} | lr {lr:.3e} | grad_norm {norm}"
-              f" | {tokens_per_s:,.0f} tok/s | ETA {self._eta(step)}", flush=True)
+        extra = "".join(f" | {name} {metrics[name]:.4g}" for name in console)
+        print(f"step {step}/{self.max_steps} | loss {metrics['loss']:.4f}{extra} | lr {lr:.3e} | "
+              f"grad_norm {norm} | {tokens_per_s:,.0f} tok/s | ETA {self._eta(step)}",
+              flush=True)
 
-    def log_validation(self, step: int, val_loss: float, split: str = "val") -> None:
+    def log_validation(self, step: int, metrics: Dict[str, float], split: str = "val",
+                       perplexity: bool = True) -> None:
         if not self.enabled:
             return
-        ppl = math.exp(min(val_loss, 50.0))
-        self._write({"step": step, f"{split}_loss": val_loss, f"{split}_ppl": ppl})
-        print(f"step {step} | {split}_loss {val_loss:.4f} | {split}_ppl {ppl:.2f}", flush=True)
+        record = {f"{split}_{name}": value for name, value in metrics.items()}
+        if perplexity:
+            record[f"{split}_ppl"] = math.exp(min(metrics["loss"], 50.0))
+        self._write({"step": step, **record})
+        print(f"step {step} | " + " | ".join(f"{k} {v:.4g}" for k, v in record.items()),
+              flush=True)
 
     def info(self, message: str) -> None:
         if self.enabled:

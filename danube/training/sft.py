@@ -44,12 +44,13 @@ def _datasets(cfg: SFTConfig, tokenizer: Tokenizer) -> Tuple[SFTDataset, Optiona
     return train, val
 
 
-def with_epoch_steps(cfg: SFTConfig, train: SFTDataset) -> SFTConfig:
-    """trainer.max_steps bounded by trainer.max_epochs (whichever comes first)."""
+def with_epoch_steps(cfg, items: int, global_batch_size: int):
+    """trainer.max_steps bounded by trainer.max_epochs (whichever comes first), an epoch being
+    `items` (conversations, pairs) // global_batch_size steps (SFT, DPO)."""
     t = cfg.trainer
     if t.max_epochs is None:
         return cfg
-    by_epochs = t.max_epochs * steps_per_epoch(train, cfg.model.data.train_ds.global_batch_size)
+    by_epochs = t.max_epochs * (items // global_batch_size)
     steps = by_epochs if t.max_steps < 0 else min(t.max_steps, by_epochs)
     return replace(cfg, trainer=replace(t, max_steps=steps))
 
@@ -102,7 +103,7 @@ def run_sft(cfg: SFTConfig, precision: PrecisionChoice) -> None:
 
     tokenizer = load_tokenizer(cfg.model.tokenizer.model)
     train, val = _datasets(cfg, tokenizer)
-    cfg = with_epoch_steps(cfg, train)
+    cfg = with_epoch_steps(cfg, len(train.samples), cfg.model.data.train_ds.global_batch_size)
     init_distributed(cfg.model, cfg.trainer.accelerator)
     try:
         trainer = build_trainer(cfg, tokenizer, tokenizer.vocab_size, per_token_loss=True)
