@@ -1,6 +1,7 @@
 # Two entry points do all the set-up on a fresh machine (README "Quick start"):
-#   make demo   the miniature Danube recipe on the embedded data: pretrain danube_tiny, then
-#               SFT it (each stage resumes, or does nothing when done), then a summary
+#   make demo   the miniature Danube recipe on the embedded data: pretrain danube_tiny, SFT
+#               it, DPO the SFT model (each stage resumes, or does nothing when done), then
+#               a summary
 #   make test   the test suite (what .ci/run calls)
 PYTHON ?= python3
 VENV ?= .venv
@@ -31,7 +32,9 @@ $(TEST_STAMP): $(STAMP)
 demo: setup
 	$(BIN)/python launchers/pretrain.py
 	$(BIN)/python launchers/sft.py
-	$(BIN)/python launchers/summary.py results/danube_tiny results/danube_tiny_sft
+	$(BIN)/python launchers/dpo.py
+	$(BIN)/python launchers/summary.py results/danube_tiny results/danube_tiny_sft \
+	    results/danube_tiny_dpo
 
 test: setup-test
 	$(BIN)/python -m pytest -q

@@ -8,43 +8,18 @@ Configs live in configs/sft/; the architecture and tokenizer come from the check
 starts from (model.restore_from_path: a checkpoint, or a run directory's newest).
 """
 
-import os
 import sys
 
-from danube.config import ConfigError, check_launch
 from danube.config.compose import SFT_CONFIG_DIR, hydra_runner, to_sft_config
-from danube.config.finetune import from_start_checkpoint
-from danube.runtime import hide_cuda_for, pop_dry_run, quiet_engine_notices
+from danube.launch import launch_fine_tuning
+from danube.runtime import pop_dry_run
 
 DRY_RUN = pop_dry_run(sys.argv)  # before Hydra parses the command line
 
 
-def _fail(error: Exception) -> None:
-    if os.environ.get("RANK", "0") == "0":
-        print(f"error: {error}", file=sys.stderr)
-    sys.exit(2)
-
-
 @hydra_runner(config_name="danube_tiny_sft", config_path=str(SFT_CONFIG_DIR))
 def main(cfg) -> None:
-    quiet_engine_notices()
-    config = from_start_checkpoint(to_sft_config(cfg))  # parse: typed, checkpoint's model
-    hide_cuda_for(config.trainer.accelerator)
-    try:
-        check_launch(config)  # validate + preflight: one error listing every problem
-    except ConfigError as error:
-        _fail(error)
-    from danube.data.chat import ChatDataError
-    from danube.training.loop import with_machine_precision
-    from danube.training.sft import dry_run, run_sft
-
-    try:
-        if DRY_RUN:
-            print(dry_run(config, DRY_RUN))
-            return
-        run_sft(*with_machine_precision(config))  # build + run
-    except ChatDataError as error:  # bad records: named before anything is built or written
-        _fail(error)
+    launch_fine_tuning(to_sft_config(cfg), "sft", DRY_RUN)
 
 
 if __name__ == "__main__":

@@ -83,6 +83,30 @@ def train_losses(exp_dir: Path) -> dict:
     return {r["step"]: r["loss"] for r in read_metrics(exp_dir) if "loss" in r}
 
 
+# A conversation the chat tests share (tokenizer_dir's tokenizer is trained on its texts).
+CHAT = [{"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What does `os.getcwd` do?"},
+        {"role": "assistant", "content": "Return a string of the current directory."},
+        {"role": "user", "content": "Which module is it in?"},
+        {"role": "assistant", "content": "It is in `os`."}]
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """Our byte-level BPE (specials <pad> <s> </s> <|system|> <|prompt|> <|answer|>) as a HF
+    tokenizer directory with the H2O-Danube template, as data preparation writes it."""
+    from danube.data.chat import DANUBE_CHAT_TEMPLATE
+    from danube.data.tokenizer import train_byte_level_bpe
+
+    path = tmp_path_factory.mktemp("tok")
+    texts = [m["content"] for m in CHAT] * 30 + ["def f(x):\n    return x + 1"] * 30
+    train_byte_level_bpe(texts, 400).save(path / "tokenizer.json")
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+        "pad_token": "<pad>", "chat_template": DANUBE_CHAT_TEMPLATE}))
+    return path
+
+
 @pytest.fixture(scope="session")
 def megatron_world():
     """torch.distributed (gloo, one process) + megatron parallel state, in this process."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +16,6 @@ from danube.data.dpo import build_dpo_dataset, dpo_step_batches, encode_pair
 from danube.data.tokenizer import load_tokenizer
 from danube.training.dpo import preference_loss
 from tests.conftest import ROOT, run_pretrain, train_records
-from tests.test_sft import tokenizer_dir  # noqa: F401  (fixture)
 
 DPO_LAUNCHER = ROOT / "launchers" / "dpo.py"
 LOG2 = math.log(2.0)
@@ -212,18 +210,37 @@ def test_packed_equals_unpacked(tmp_path, init_checkpoint, dpo_reference):
     _assert_same(train_records(tmp_path / "packed"), dpo_reference[0])
 
 
+@pytest.fixture(scope="module")
+def precomputed(tmp_path_factory, init_checkpoint):
+    """A TP=2 run with ref_log_probs=precompute: its records and its cache directory."""
+    exp = tmp_path_factory.mktemp("dpo_precomputed")
+    result = run_dpo([*_common(exp, init_checkpoint), *_packed(False),
+                      "model.tensor_model_parallel_size=2", "model.dpo.ref_log_probs=precompute",
+                      "exp_manager.name=tp2"], nproc=2)
+    assert "one pass over" in result.stdout
+    return train_records(exp / "tp2"), exp / "ref_cache"
+
+
 @pytest.mark.parametrize("layout, extra, nproc", [
     ("mb1", ["model.micro_batch_size=1"], 1),
     ("dp2_packed", _packed(True) + ["model.micro_batch_size=1"], 2),
-    ("tp2", ["model.tensor_model_parallel_size=2"], 2),
-    ("pp2", ["model.pipeline_model_parallel_size=2"], 2),
+    ("pp2", ["model.pipeline_model_parallel_size=2", "model.dpo.ref_log_probs=precompute"], 2),
 ])
 def test_layouts_follow_the_single_process_trajectory(tmp_path, init_checkpoint, dpo_reference,
-                                                      layout, extra, nproc):
+                                                      precomputed, layout, extra, nproc):
     """Global per-pair normalization: micro-batch 1 x 8 accumulation, DP=2 (packed: ranks
-    hold different pair counts), TP=2 and PP=2 equal micro-batch 4 on one process."""
-    run_dpo([*_common(tmp_path, init_checkpoint), *_packed(False), *extra,
-             f"exp_manager.name={layout}"], nproc=nproc)
+    hold different pair counts), TP=2 and PP=2 equal micro-batch 4 on one process. TP=2
+    computes the reference log-probs once before training (precompute): the same bits as the
+    on-the-fly reference at step 1; PP=2 reuses that cache (another layout: within
+    tolerance)."""
+    records, cache = precomputed
+    assert records[1]["ref_logps_abs_diff"] == 0.0
+    _assert_same(records, dpo_reference[0])
+    run = run_dpo([*_common(tmp_path, init_checkpoint), *_packed(False), *extra,
+                   f"model.dpo.ref_log_probs_cache_dir={cache}", f"exp_manager.name={layout}"],
+                  nproc=nproc)
+    if layout == "pp2":
+        assert "reusing" in run.stdout
     _assert_same(train_records(tmp_path / layout), dpo_reference[0])
 
 
@@ -237,28 +254,23 @@ def test_resume_equals_uninterrupted(tmp_path, init_checkpoint, dpo_reference):
         assert records[step]["loss"] == ref["loss"], step
 
 
-def test_precomputed_reference_is_cached_reused_and_checked(tmp_path, init_checkpoint,
-                                                            dpo_reference):
-    """precompute: the same trajectory as on the fly (the cache holds the same bits); a second
-    run reuses the cache; a cache that does not match the model stops the run at step 1."""
-    common = [*_common(tmp_path, init_checkpoint), *_packed(False),
-              "model.dpo.ref_log_probs=precompute"]
-    first = run_dpo([*common, "exp_manager.name=pre1"])
-    assert "one pass over" in first.stdout
-    _assert_same(train_records(tmp_path / "pre1"), dpo_reference[0])
-    assert train_records(tmp_path / "pre1")[1]["ref_logps_abs_diff"] == 0.0
-    second = run_dpo([*common, "exp_manager.name=pre2", "model.micro_batch_size=2"])
-    assert "reusing" in second.stdout
-    _assert_same(train_records(tmp_path / "pre2"), dpo_reference[0], rel=1e-4)
-
-    (cache,) = (tmp_path / "ref_cache").glob("*.pt")
+def test_a_reference_that_is_not_the_model_stops_the_run(tmp_path, init_checkpoint,
+                                                         precomputed):
+    """The cache keeps per-token values too; one whose values do not belong to the starting
+    model stops the run at step 1 with the reason, before anything is saved."""
+    (cache,) = precomputed[1].glob("*.pt")
     saved = torch.load(cache, weights_only=False)
-    assert len(saved["chosen_tokens"]) == saved["pairs"]  # per-token values are kept too
+    assert len(saved["chosen_tokens"]) == saved["pairs"]
     saved["chosen"] = saved["chosen"] + 1.0
-    torch.save(saved, cache)
-    bad = run_dpo([*common, "exp_manager.name=pre3"], check=False)
+    (tmp_path / "cache").mkdir()
+    torch.save(saved, tmp_path / "cache" / cache.name)
+    bad = run_dpo([*_common(tmp_path, init_checkpoint), *_packed(False),
+                   "model.dpo.ref_log_probs=precompute",
+                   f"model.dpo.ref_log_probs_cache_dir={tmp_path}/cache",
+                   "exp_manager.name=mismatch"], check=False)
     assert bad.returncode == 2 and "at step 0 the policy's log-probs differ" in bad.stderr
     assert "Traceback" not in bad.stderr
+    assert not (tmp_path / "mismatch" / "checkpoints").exists()
 
 
 LORA = ["model.peft.peft_scheme=lora", "model.peft.lora_tuning.adapter_dim=4",

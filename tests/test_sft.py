@@ -11,37 +11,18 @@ import torch
 
 from danube.config.schema import SFTDataConfig, SFTDatasetConfig
 from danube.data.chat import (
-    DANUBE_CHAT_TEMPLATE,
     ChatDataError,
     ChatTemplate,
     encode_chat,
     messages_of,
 )
 from danube.data.sft import build_sft_dataset, collate_rows, pack_rows
-from danube.data.tokenizer import load_tokenizer, train_byte_level_bpe
-from tests.conftest import read_metrics, run_sft, train_records
+from danube.data.tokenizer import load_tokenizer
+from tests.conftest import CHAT, read_metrics, run_sft, train_records
 
-CHAT = [{"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "What does `os.getcwd` do?"},
-        {"role": "assistant", "content": "Return a string of the current directory."},
-        {"role": "user", "content": "Which module is it in?"},
-        {"role": "assistant", "content": "It is in `os`."}]
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
           "'<|im_end|>\\n' }}{% endfor %}"
           "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory) -> Path:
-    """Our byte-level BPE (specials <pad> <s> </s> <|system|> <|prompt|> <|answer|>) as a HF
-    tokenizer directory with the H2O-Danube template, as data preparation writes it."""
-    path = tmp_path_factory.mktemp("tok")
-    texts = [m["content"] for m in CHAT] * 30 + ["def f(x):\n    return x + 1"] * 30
-    train_byte_level_bpe(texts, 400).save(path / "tokenizer.json")
-    (path / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
-        "pad_token": "<pad>", "chat_template": DANUBE_CHAT_TEMPLATE}))
-    return path
 
 
 def _trained_text(tokenizer, encoded) -> str:

@@ -11,8 +11,11 @@ the embedded cache. `embedded:chat` and `embedded:chat_validation` name the two 
 Preference pairs for DPO from the same functions, in NeMo-Aligner's message form:
     {"prompt": [system?, user: What does `module.function` do?],
      "chosen_response": {assistant: its first docstring sentence},
-     "rejected_response": {assistant: the first sentence of another function's docstring}}
-(a fluent, plausible answer about the wrong function), named `embedded:preference` and
+     "rejected_response": {assistant: where it lives, e.g. "It is in `module`."}}
+The rejected answer is fluent and true but answers another question (the follow-up one), the
+plausible mistake a small chat model makes; it is never a chosen answer elsewhere (another
+function's sentence would be: pushed down in one pair and up in another, the preference is
+then only learnable through the function's name). Named `embedded:preference` and
 `embedded:preference_validation`.
 """
 
@@ -32,7 +35,7 @@ from danube.config.derived import EMBEDDED_CHAT
 from danube.data.embedded import default_cache_dir, stdlib_files
 
 SYSTEM = "You are a concise assistant that explains the Python standard library."
-_VERSION = 2
+_VERSION = 3
 
 
 def _first_sentence(doc: str) -> str:
@@ -77,24 +80,23 @@ def conversations() -> Iterator[Tuple[str, dict]]:
             yield ("validation" if digest % 20 == 0 else "train"), record
 
 
+EVASIONS = ("It is in `{module}`.", "You can find it in the `{module}` module.",
+            "`{name}` is part of `{module}`.")
+
+
 def preference_pairs(records: List[dict]) -> Iterator[dict]:
-    """A pair per conversation of one split: the question of its first turn, its answer
-    (chosen) and the answer of the conversation `len // 2` places on in a hash order
-    (rejected: another function's sentence, never the same text)."""
-    order = sorted(range(len(records)), key=lambda i: hashlib.sha256(
-        records[i]["conversations"][0]["value"].encode()).hexdigest())
-    for k, i in enumerate(order):
-        record = records[i]
+    """A pair per conversation: the question of its first turn, its answer (chosen), and where
+    the function lives (rejected), in one of a few phrasings picked by the name's hash."""
+    for record in records:
         question, answer = (turn["value"] for turn in record["conversations"][:2])
-        step = len(order) // 2
-        other = records[order[(k + step) % len(order)]]["conversations"][1]["value"]
-        while other == answer and step < len(order):
-            step += 1
-            other = records[order[(k + step) % len(order)]]["conversations"][1]["value"]
+        name = re.search(r"`([^`]+)`", question).group(1)
+        module = name.rsplit(".", 1)[0]
+        digest = int(hashlib.sha256(name.encode()).hexdigest(), 16)
+        evasion = EVASIONS[digest % len(EVASIONS)].format(name=name, module=module)
         prompt = ([{"role": "system", "content": record["system"]}] if record["system"]
                   else []) + [{"role": "user", "content": question}]
         yield {"prompt": prompt, "chosen_response": {"role": "assistant", "content": answer},
-               "rejected_response": {"role": "assistant", "content": other}}
+               "rejected_response": {"role": "assistant", "content": evasion}}
 
 
 def ensure_embedded_chat(cache_dir: Path | None = None) -> Path:

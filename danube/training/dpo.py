@@ -56,6 +56,8 @@ class ReferenceMismatch(RuntimeError):
     """Policy and reference disagree where they must be the same model."""
 
 
+LAUNCH_ERRORS = (ReferenceMismatch,)  # ended with a message by the launcher
+
 def preference_loss(kind: str, d: torch.Tensor, beta: float, reward_gap: torch.Tensor,
                     eta: float, label_smoothing: float) -> torch.Tensor:
     """Per-pair preference loss of d = u_c - u_r (see model.dpo in the schema)."""

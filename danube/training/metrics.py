@@ -92,20 +92,25 @@ class MetricsLogger:
 
 def summarize(run_dirs) -> str:
     """A table of finished stages from their metrics.jsonl: steps, first and last training
-    loss, last validation loss, newest checkpoint."""
+    loss, last validation loss, first and last validation reward accuracy (DPO), newest
+    checkpoint."""
     from danube.paths import latest_checkpoint
 
-    rows = [("stage", "steps", "first loss", "last loss", "last val_loss", "checkpoint")]
+    rows = [("stage", "steps", "first loss", "last loss", "last val_loss", "val_acc",
+             "checkpoint")]
     for run in map(Path, run_dirs):
         path = run / "metrics.jsonl"
         records = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] \
             if path.is_file() else []
         train = {r["step"]: r["loss"] for r in records if "loss" in r}
         val = [r["val_loss"] for r in records if "val_loss" in r]
+        acc = [r["val_acc"] for r in records if "val_acc" in r]
         newest = latest_checkpoint(run / "checkpoints")
         rows.append((run.name, str(max(train, default=0)),
                      f"{train[min(train)]:.3f}" if train else "-",
                      f"{train[max(train)]:.3f}" if train else "-",
-                     f"{val[-1]:.3f}" if val else "-", str(newest) if newest else "-"))
+                     f"{val[-1]:.3f}" if val else "-",
+                     f"{acc[0]:.2f} -> {acc[-1]:.2f}" if acc else "-",
+                     str(newest) if newest else "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)
