@@ -124,3 +124,29 @@ def test_danube_chat_sft_carries_the_recipe():
     assert (cfg.model.optim.lr, cfg.model.optim.sched.name) == (1e-5, "CosineAnnealing")
     assert cfg.model.data.chat and cfg.model.data.chat_prompt_tokens is None
     assert not cfg.model.data.train_ds.add_bos
+
+
+DPO_NEEDS = {"danube_1.8b_chat_dpo": ["model.restore_from_path=/ckpt",
+                                      "model.data.data_prefix.train=/data/train.jsonl",
+                                      "model.max_position_embeddings=16384"]}
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONFIG_DIR / "dpo").glob("*.yaml")))
+def test_dpo_configs_compose_and_validate(name):
+    from danube.config.compose import compose_dpo_config
+
+    cfg = compose_dpo_config(name, DPO_NEEDS.get(name, []))
+    assert cfg.name == name and cfg.model.dpo.preference_loss == "dpo"
+    assert cfg.model.dpo.sft_average_log_probs == cfg.model.dpo.preference_average_log_probs
+    assert validate(cfg) == []
+
+
+def test_danube_chat_dpo_carries_the_recipe():
+    """H2O-Danube's DPO: beta 0.2, LoRA r=4 alpha=16 on every linear, lr 1e-5."""
+    from danube.config.compose import compose_dpo_config
+
+    cfg = compose_dpo_config("danube_1.8b_chat_dpo", DPO_NEEDS["danube_1.8b_chat_dpo"])
+    lora = cfg.model.peft.lora_tuning
+    assert cfg.model.dpo.ref_policy_kl_penalty == 0.2 and cfg.model.optim.lr == 1e-5
+    assert (cfg.model.peft.peft_scheme, lora.adapter_dim, lora.alpha) == ("lora", 4, 16)
+    assert len(lora.target_modules) == 4

@@ -97,7 +97,7 @@ def test_every_format_gives_the_same_pair_prompt_a_prefix_and_eos_trained(tokeni
     for pair in pairs:
         assert pair.chosen.ids.tolist() == pairs[0].chosen.ids.tolist()
         assert pair.rejected.ids.tolist() == pairs[0].rejected.ids.tolist()
-        assert pair.rewards == (1.0, 0.0) and not pair.masked
+        assert pair.rewards == (1.0, 0.0) and not pair.masked and pair.joint_differs is None
     pair = pairs[0]
     n = pair.prompt_tokens
     assert pair.chosen.ids[:n].tolist() == pair.rejected.ids[:n].tolist()
@@ -108,7 +108,7 @@ def test_every_format_gives_the_same_pair_prompt_a_prefix_and_eos_trained(tokeni
     # segment by segment.
     merged = encode_pair({"prompt": "What does os.getc", "chosen_response": "wd do?",
                           "rejected_response": " x"}, "x", template, tokenizer, _data())
-    assert merged.joint_differs
+    assert merged.joint_differs is not None  # a merge reaching back over the boundary
     long = encode_pair({"prompt": "x " * 80, "chosen_response": "a", "rejected_response": "b",
                         "chosen_reward": 3}, "x", template, tokenizer, _data())
     assert long.masked and long.rewards == (3.0, 0.0)

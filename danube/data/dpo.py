@@ -53,8 +53,9 @@ class DPOPair:
     prompt_tokens: int
     masked: bool = False
     """Longer than seq_length: out of the loss and every mean."""
-    joint_differs: bool = False
-    """Tokenizing prompt + response as one string gives other ids than segment by segment."""
+    joint_differs: Optional[int] = None
+    """Where tokenizing prompt + response as one string gives other ids than segment by
+    segment: the first differing token's index in the sequence (None: nowhere)."""
 
     @property
     def positions(self) -> int:
@@ -143,16 +144,25 @@ def pair_texts(record: dict, where: str, template: Optional[ChatTemplate]
     return before, texts[0], texts[1], False
 
 
+def _first_difference(a, b) -> Optional[int]:
+    for index, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return index
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
 def encode_pair(record: dict, where: str, template: Optional[ChatTemplate],
                 tokenizer: Tokenizer, data) -> DPOPair:
     prompt, chosen, rejected, string_form = pair_texts(record, where, template)
     core = list(tokenizer.hf.encode(prompt, add_special_tokens=False).ids)
     prompt_ids = ([tokenizer.bos] if data.add_bos and tokenizer.bos is not None else []) + core
-    samples, differs = [], False
+    samples, differs = [], None
     for text, name in ((chosen, "chosen"), (rejected, "rejected")):
         ids = list(tokenizer.hf.encode(text, add_special_tokens=False).ids)
-        differs |= list(tokenizer.hf.encode(prompt + text, add_special_tokens=False).ids) \
-            != core + ids
+        at = _first_difference(tokenizer.hf.encode(prompt + text, add_special_tokens=False).ids,
+                               core + ids)
+        if at is not None and differs is None:
+            differs = at + len(prompt_ids) - len(core)
         if string_form and data.append_eod and (not ids or ids[-1] != tokenizer.eod):
             ids.append(tokenizer.eod)
         if not ids:
@@ -196,7 +206,7 @@ def build_dpo_dataset(file_path, data, tokenizer: Tokenizer) -> DPODataset:
                 errors.append(str(error))
                 continue
             stats["masked_too_long"] += pair.masked
-            stats["joint_tokenization_differs"] += pair.joint_differs
+            stats["joint_tokenization_differs"] += pair.joint_differs is not None
             pairs.append(pair)
     stats["skipped_bad_records"] = len(errors)
     stats["pairs"] = len(pairs)

@@ -466,8 +466,12 @@ def dry_run(cfg: DPOConfig, pairs: int) -> str:
         pair = train.pairs[index]
         prompt = tokenizer.hf.decode(pair.chosen.ids[:pair.prompt_tokens].tolist(),
                                      skip_special_tokens=False)
-        lines.append(f"pair {index} ({pair.where}){' MASKED: too long' if pair.masked else ''}"
-                     f"{' [joint tokenization differs]' if pair.joint_differs else ''}")
+        lines.append(f"pair {index} ({pair.where}){' MASKED: too long' if pair.masked else ''}")
+        if pair.joint_differs is not None:
+            at = pair.joint_differs
+            lines.append(f"  joint tokenization of prompt + response would differ from token "
+                         f"{at} ({tokenizer.hf.id_to_token(int(pair.chosen.ids[at]))!r} here, "
+                         "segment by segment)")
         lines.append(f"  prompt   {pair.prompt_tokens:4d} tokens (not trained): {prompt!r}")
         for name, sample in (("chosen", pair.chosen), ("rejected", pair.rejected)):
             ids = sample.ids[sample.trained].tolist()
