@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -156,8 +157,21 @@ def test_packed_rows_keep_pairs_whole_and_masked_pairs_out(tokenizer_dir, tmp_pa
 
 # --- the launcher ----------------------------------------------------------------------------
 
-def _common(tmp_path, init_checkpoint):
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory) -> Path:
+    """The first 64 embedded pairs: enough for the tests' steps, quick to tokenize and to
+    precompute."""
+    from danube.data.embedded_chat import resolve_chat_files
+
+    (source,) = resolve_chat_files("embedded:preference", None)
+    path = tmp_path_factory.mktemp("pairs") / "train.jsonl"
+    path.write_text("".join(Path(source).read_text().splitlines(keepends=True)[:64]))
+    return path
+
+
+def _common(tmp_path, init_checkpoint, pairs_file):
     return [f"model.restore_from_path={init_checkpoint}", "model.encoder_seq_length=64",
+            f"model.data.data_prefix.train={pairs_file}",
             "model.global_batch_size=8", "model.micro_batch_size=4", "trainer.max_epochs=null",
             "trainer.max_steps=4", "trainer.log_every_n_steps=1", "trainer.limit_val_batches=0",
             "trainer.precision=32", "exp_manager.create_tensorboard_logger=false",
@@ -184,9 +198,9 @@ def _assert_same(records, reference, rel=1e-5):
 
 
 @pytest.fixture(scope="module")
-def dpo_reference(tmp_path_factory, init_checkpoint):
+def dpo_reference(tmp_path_factory, init_checkpoint, pairs_file):
     exp = tmp_path_factory.mktemp("dpo_reference")
-    result = run_dpo([*_common(exp, init_checkpoint), *_packed(False),
+    result = run_dpo([*_common(exp, init_checkpoint, pairs_file), *_packed(False),
                       "exp_manager.name=unpacked"])
     records = train_records(exp / "unpacked")
     return records, result.stdout
@@ -205,16 +219,17 @@ def test_step_zero_is_log2_and_training_moves_the_margin(dpo_reference):
     assert "reference adapters disabled" not in stdout and "starting weights" in stdout
 
 
-def test_packed_equals_unpacked(tmp_path, init_checkpoint, dpo_reference):
-    run_dpo([*_common(tmp_path, init_checkpoint), *_packed(True), "exp_manager.name=packed"])
+def test_packed_equals_unpacked(tmp_path, init_checkpoint, pairs_file, dpo_reference):
+    run_dpo([*_common(tmp_path, init_checkpoint, pairs_file), *_packed(True),
+             "exp_manager.name=packed"])
     _assert_same(train_records(tmp_path / "packed"), dpo_reference[0])
 
 
 @pytest.fixture(scope="module")
-def precomputed(tmp_path_factory, init_checkpoint):
+def precomputed(tmp_path_factory, init_checkpoint, pairs_file):
     """A TP=2 run with ref_log_probs=precompute: its records and its cache directory."""
     exp = tmp_path_factory.mktemp("dpo_precomputed")
-    result = run_dpo([*_common(exp, init_checkpoint), *_packed(False),
+    result = run_dpo([*_common(exp, init_checkpoint, pairs_file), *_packed(False),
                       "model.tensor_model_parallel_size=2", "model.dpo.ref_log_probs=precompute",
                       "exp_manager.name=tp2"], nproc=2)
     assert "one pass over" in result.stdout
@@ -222,21 +237,22 @@ def precomputed(tmp_path_factory, init_checkpoint):
 
 
 @pytest.mark.parametrize("layout, extra, nproc", [
-    ("mb1", ["model.micro_batch_size=1"], 1),
     ("dp2_packed", _packed(True) + ["model.micro_batch_size=1"], 2),
     ("pp2", ["model.pipeline_model_parallel_size=2", "model.dpo.ref_log_probs=precompute"], 2),
 ])
-def test_layouts_follow_the_single_process_trajectory(tmp_path, init_checkpoint, dpo_reference,
-                                                      precomputed, layout, extra, nproc):
-    """Global per-pair normalization: micro-batch 1 x 8 accumulation, DP=2 (packed: ranks
-    hold different pair counts), TP=2 and PP=2 equal micro-batch 4 on one process. TP=2
+def test_layouts_follow_the_single_process_trajectory(tmp_path, init_checkpoint, pairs_file,
+                                                      dpo_reference, precomputed, layout, extra,
+                                                      nproc):
+    """Global per-pair normalization: DP=2 with micro-batch 1 (packed: the ranks hold
+    different pair counts, each accumulating over several micro-batches), TP=2 and PP=2
+    equal micro-batch 4 on one process. TP=2
     computes the reference log-probs once before training (precompute): the same bits as the
     on-the-fly reference at step 1; PP=2 reuses that cache (another layout: within
     tolerance)."""
     records, cache = precomputed
     assert records[1]["ref_logps_abs_diff"] == 0.0
     _assert_same(records, dpo_reference[0])
-    run = run_dpo([*_common(tmp_path, init_checkpoint), *_packed(False), *extra,
+    run = run_dpo([*_common(tmp_path, init_checkpoint, pairs_file), *_packed(False), *extra,
                    f"model.dpo.ref_log_probs_cache_dir={cache}", f"exp_manager.name={layout}"],
                   nproc=nproc)
     if layout == "pp2":
@@ -244,8 +260,9 @@ def test_layouts_follow_the_single_process_trajectory(tmp_path, init_checkpoint,
     _assert_same(train_records(tmp_path / layout), dpo_reference[0])
 
 
-def test_resume_equals_uninterrupted(tmp_path, init_checkpoint, dpo_reference):
-    common = [*_common(tmp_path, init_checkpoint), *_packed(False), "exp_manager.name=resumed"]
+def test_resume_equals_uninterrupted(tmp_path, init_checkpoint, pairs_file, dpo_reference):
+    common = [*_common(tmp_path, init_checkpoint, pairs_file), *_packed(False),
+              "exp_manager.name=resumed"]
     run_dpo([*common, "trainer.max_steps=2"])
     second = run_dpo(common)
     assert "resumed from" in second.stdout and "(step 2)" in second.stdout
@@ -255,7 +272,7 @@ def test_resume_equals_uninterrupted(tmp_path, init_checkpoint, dpo_reference):
 
 
 def test_a_reference_that_is_not_the_model_stops_the_run(tmp_path, init_checkpoint,
-                                                         precomputed):
+                                                         pairs_file, precomputed):
     """The cache keeps per-token values too; one whose values do not belong to the starting
     model stops the run at step 1 with the reason, before anything is saved."""
     (cache,) = precomputed[1].glob("*.pt")
@@ -264,7 +281,7 @@ def test_a_reference_that_is_not_the_model_stops_the_run(tmp_path, init_checkpoi
     saved["chosen"] = saved["chosen"] + 1.0
     (tmp_path / "cache").mkdir()
     torch.save(saved, tmp_path / "cache" / cache.name)
-    bad = run_dpo([*_common(tmp_path, init_checkpoint), *_packed(False),
+    bad = run_dpo([*_common(tmp_path, init_checkpoint, pairs_file), *_packed(False),
                    "model.dpo.ref_log_probs=precompute",
                    f"model.dpo.ref_log_probs_cache_dir={tmp_path}/cache",
                    "exp_manager.name=mismatch"], check=False)
@@ -278,13 +295,14 @@ LORA = ["model.peft.peft_scheme=lora", "model.peft.lora_tuning.adapter_dim=4",
         "model.peft.lora_tuning.target_modules=[attention_qkv,attention_dense,mlp_fc1,mlp_fc2]"]
 
 
-def test_lora_reference_is_the_model_with_adapters_disabled(tmp_path, init_checkpoint):
+def test_lora_reference_is_the_model_with_adapters_disabled(tmp_path, init_checkpoint,
+                                                           pairs_file):
     """No second copy of the weights: the reference is the base model (adapters off); at
     step 1 it equals the adapted model bit for bit; the base weights never change."""
     from danube.conversion.mcore_files import DistCheckpointReader
 
-    result = run_dpo([*_common(tmp_path, init_checkpoint), *_packed(True), *LORA,
-                      "model.optim.lr=2e-2", "exp_manager.name=lora"])
+    result = run_dpo([*_common(tmp_path, init_checkpoint, pairs_file), *_packed(True), *LORA,
+                      "model.optim.lr=5e-3", "exp_manager.name=lora"])
     assert "reference adapters disabled" in result.stdout
     records = train_records(tmp_path / "lora")
     assert records[1]["loss"] == LOG2_FP32
@@ -299,7 +317,7 @@ def test_lora_reference_is_the_model_with_adapters_disabled(tmp_path, init_check
     # into the base on loading, so the second pass's reference is the first pass's model.
     from danube.conversion.exporter import merge_adapters
 
-    second = run_dpo([*_common(tmp_path, init_checkpoint), *_packed(True), *LORA,
+    second = run_dpo([*_common(tmp_path, init_checkpoint, pairs_file), *_packed(True), *LORA,
                       f"model.restore_from_path={final}", "trainer.max_steps=1",
                       "model.optim.lr=3e-3", "exp_manager.name=lora2"])
     assert "LoRA adapters merged into the base weights" in second.stdout
@@ -308,23 +326,25 @@ def test_lora_reference_is_the_model_with_adapters_disabled(tmp_path, init_check
     merged = merge_adapters(after.layer(1), after.layer(1, after.adapter_keys()), 16 / 4)
     restarted = DistCheckpointReader(tmp_path / "lora2" / "checkpoints" / "step_00000001")
     assert all(torch.equal(restarted.layer(1)[k], merged[k]) for k in merged)
-    full = run_dpo([*_common(tmp_path, init_checkpoint), f"model.restore_from_path={final}",
+    full = run_dpo([*_common(tmp_path, init_checkpoint, pairs_file),
+                    f"model.restore_from_path={final}",
                     "exp_manager.name=full_from_lora"], check=False)
     assert full.returncode == 2 and "was written by a LoRA run" in full.stderr
 
 
-def test_dry_run_bad_data_and_bad_config_write_nothing(tmp_path, init_checkpoint):
-    result = run_dpo([*_common(tmp_path, init_checkpoint), "--dry-run", "2"])
+def test_dry_run_bad_data_and_bad_config_write_nothing(tmp_path, init_checkpoint, pairs_file):
+    result = run_dpo([*_common(tmp_path, init_checkpoint, pairs_file), "--dry-run", "2"])
     out = result.stdout
     assert "prompt" in out and "chosen" in out and "rejected" in out
     assert "'</s>'" in out  # each response ends with its trained end-of-turn token
     assert "summary (train):" in out and "joint tokenization differs" in out
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q"}\n')
-    result = run_dpo([*_common(tmp_path, init_checkpoint),
+    result = run_dpo([*_common(tmp_path, init_checkpoint, pairs_file),
                       f"model.data.data_prefix.train={bad}"], check=False)
     assert result.returncode == 2 and "bad.jsonl:2:" in result.stderr
-    result = run_dpo([*_common(tmp_path, init_checkpoint), "model.dpo.preference_loss=kto",
+    result = run_dpo([*_common(tmp_path, init_checkpoint, pairs_file),
+                      "model.dpo.preference_loss=kto",
                       "model.hidden_dropout=0.1", "model.data.data_prefix.train=nope.jsonl"],
                      check=False)
     assert result.returncode == 2 and "preference_loss='kto'" in result.stderr
