@@ -17,14 +17,13 @@ the precompute mode also shows its one-time pass.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
 import statistics
 import sys
-import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 MODES = ("unpacked", "precompute", "packed", "lora")
@@ -82,8 +81,6 @@ def worker(mode: str, overrides, steps: int, warmup: int) -> None:
                                           trainer.log)
         pass_s = time.perf_counter() - start
     recipe = dpo_recipe(cfg, datasets, batching, reference, caches)
-    from functools import partial
-
     loss_fn = partial(dpo_loss, cfg.model.dpo)
     times, pairs = [], []
     steps_iter = recipe.train_steps(0, steps + warmup, 0)
@@ -104,30 +101,14 @@ def worker(mode: str, overrides, steps: int, warmup: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per mode")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
-    parser.add_argument("overrides", nargs="*", help="DPO config overrides, key=value")
-    args = parser.parse_args()
-    if args.worker:
-        return worker(args.worker, args.overrides, args.steps, args.warmup)
-    from rounds import best_of_rounds
-    from sft import start_checkpoint
+    from rounds import fine_tuning_bench
 
-    from danube.runtime import cpu_capability, cpu_native_bf16
-
-    with tempfile.TemporaryDirectory() as scratch:
-        init = start_checkpoint(Path(scratch))
-        best = best_of_rounds(__file__, MODES, args.rounds,
-                              ["--steps", str(args.steps), "--warmup", str(args.warmup),
-                               f"model.restore_from_path={init}", *args.overrides],
-                              "pairs_per_s", scratch)
+    run = fine_tuning_bench(__file__, __doc__, MODES, 10, "DPO", "pairs_per_s", worker)
+    if run is None:
+        return
+    _, best, title = run
     base = best["unpacked"]["pairs_per_s"]
-    print(f"\ndanube_tiny_dpo {' '.join(args.overrides)} | best of {args.rounds} rounds of "
-          f"{args.steps} timed steps | CPU {cpu_capability()} (native bf16: "
-          f"{'yes' if cpu_native_bf16() else 'no'}), precision {best['unpacked']['precision']}")
+    print(title)
     header = (f"{'mode':<10} {'pairs/step':>10} {'step s':>7} {'pairs/s':>8} "
               f"{'vs unpacked':>11} {'peak MiB':>9}  note")
     print(header + "\n" + "-" * len(header))

@@ -13,32 +13,16 @@ CPU named; then the optimizer-state arithmetic of full vs LoRA for the 1.8B layo
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 MODES = ("unpacked", "packed", "lora")
 LORA = ["model.peft.peft_scheme=lora", "model.peft.lora_tuning.adapter_dim=4",
         "model.peft.lora_tuning.alpha=16",
         "model.peft.lora_tuning.target_modules=[attention_qkv,attention_dense,mlp_fc1,mlp_fc2]"]
-
-
-def start_checkpoint(scratch: Path) -> Path:
-    """danube_tiny's step-0 weights (the bench measures speed, not quality)."""
-    subprocess.run([sys.executable, str(ROOT / "launchers" / "pretrain.py"),
-                    "trainer.max_steps=0", "model.optim.sched.max_steps=300",
-                    "trainer.limit_val_batches=0", "trainer.limit_test_batches=0",
-                    f"exp_manager.exp_dir={scratch}", "exp_manager.name=init"],
-                   check=True, capture_output=True, cwd=ROOT)
-    return scratch / "init"
 
 
 def worker(mode: str, overrides, steps: int, warmup: int) -> None:
@@ -87,29 +71,14 @@ def worker(mode: str, overrides, steps: int, warmup: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=15, help="timed steps per mode")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
-    parser.add_argument("overrides", nargs="*", help="SFT config overrides, key=value")
-    args = parser.parse_args()
-    if args.worker:
-        return worker(args.worker, args.overrides, args.steps, args.warmup)
-    from rounds import best_of_rounds
+    from rounds import fine_tuning_bench
 
-    from danube.runtime import cpu_capability, cpu_native_bf16
-
-    with tempfile.TemporaryDirectory() as scratch:
-        init = start_checkpoint(Path(scratch))
-        best = best_of_rounds(__file__, MODES, args.rounds,
-                              ["--steps", str(args.steps), "--warmup", str(args.warmup),
-                               f"model.restore_from_path={init}", *args.overrides],
-                              "trained_tokens_per_s", scratch)
+    run = fine_tuning_bench(__file__, __doc__, MODES, 15, "SFT", "trained_tokens_per_s", worker)
+    if run is None:
+        return
+    _, best, title = run
     base = best["unpacked"]["trained_tokens_per_s"]
-    print(f"\ndanube_tiny_sft {' '.join(args.overrides)} | best of {args.rounds} rounds of "
-          f"{args.steps} timed steps | CPU {cpu_capability()} (native bf16: "
-          f"{'yes' if cpu_native_bf16() else 'no'}), precision {best['packed']['precision']}")
+    print(title)
     header = (f"{'mode':<9} {'rows/step':>9} {'trained tok/step':>16} {'step s':>7} "
               f"{'trained tok/s':>13} {'vs unpacked':>11} {'trainable':>10} {'peak MiB':>9}")
     print(header + "\n" + "-" * len(header))

@@ -146,6 +146,16 @@ class ChatTemplate:
                                     add_generation_prompt=add_generation_prompt)
 
 
+def check_messages(messages: List[dict], where: str) -> None:
+    """Every message has a known role and text content (`where`: file:line[: field])."""
+    for message in messages:
+        if message.get("role") not in ROLES:
+            raise ChatDataError(f"{where}: unknown role {message.get('role')!r}; use "
+                                f"{', '.join(ROLES)}")
+        if not isinstance(message.get("content"), str):
+            raise ChatDataError(f"{where}: message content must be a string")
+
+
 def messages_of(record: dict, where: str) -> List[dict]:
     """A chat record in either chat format -> messages (roles checked)."""
     if "messages" in record:
@@ -171,12 +181,7 @@ def messages_of(record: dict, where: str) -> List[dict]:
     else:
         raise ChatDataError(f"{where}: a chat record needs 'messages' or 'conversations'; "
                             f"found keys {sorted(record)}")
-    for message in messages:
-        if message.get("role") not in ROLES:
-            raise ChatDataError(f"{where}: unknown role {message.get('role')!r}; use "
-                                f"{', '.join(ROLES)}")
-        if not isinstance(message.get("content"), str):
-            raise ChatDataError(f"{where}: message content must be a string")
+    check_messages(messages, where)
     if not any(m["role"] == "assistant" for m in messages):
         raise ChatDataError(f"{where}: the conversation has no assistant turn to train on")
     return messages

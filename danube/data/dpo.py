@@ -39,7 +39,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from danube.data.chat import ROLES, ChatDataError, ChatTemplate, read_jsonl
+from danube.data.chat import ChatDataError, ChatTemplate, check_messages, read_jsonl
 from danube.data.sft import SFTSample, collate_rows, pack_rows
 from danube.data.tokenizer import Tokenizer
 
@@ -89,12 +89,7 @@ def _messages(value, where: str, what: str) -> List[dict]:
     if not isinstance(value, list) or not all(isinstance(m, dict) for m in value):
         raise ChatDataError(f"{where}: {what} must be a string, a message {{role, content}} or "
                             "a list of messages")
-    for message in value:
-        if message.get("role") not in ROLES:
-            raise ChatDataError(f"{where}: {what}: unknown role {message.get('role')!r}; use "
-                                f"{', '.join(ROLES)}")
-        if not isinstance(message.get("content"), str):
-            raise ChatDataError(f"{where}: {what}: message content must be a string")
+    check_messages(value, f"{where}: {what}")
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 

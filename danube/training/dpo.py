@@ -92,8 +92,10 @@ def sequence_logps(output: torch.Tensor, batch: dict):
 
 
 def _pair_report(values: torch.Tensor, count: int) -> torch.Tensor:
-    return torch.stack([values.detach().double().sum().cpu(),
-                        torch.tensor(float(count), dtype=torch.float64)])
+    """[sum, count] on the values' device (the reduction moves it once per step, not per
+    metric and micro-batch)."""
+    return torch.stack([values.detach().double().sum(),
+                        torch.tensor(float(count), dtype=torch.float64, device=values.device)])
 
 
 def dpo_loss(d_cfg, raw: dict, batch: dict, output: torch.Tensor):
@@ -135,8 +137,8 @@ def dpo_loss(d_cfg, raw: dict, batch: dict, output: torch.Tensor):
 def dpo_metrics(means: Dict[str, float]) -> Dict[str, float]:
     metrics = {k: v for k, v in means.items() if k != "rewards_all_sq"}
     variance = means["rewards_all_sq"] - means["rewards_all_mean"] ** 2
-    metrics["rewards_all_std"] = math.sqrt(max(variance, 0.0)) if variance == variance \
-        else float("nan")
+    metrics["rewards_all_std"] = float("nan") if math.isnan(variance) \
+        else math.sqrt(max(variance, 0.0))
     return metrics
 
 
