@@ -25,11 +25,15 @@ Patches (all undone by `remove()`):
   6. The warning "CPU RNG state changed within GPU RNG context" from the RNG tracker is
      filtered: on CPU the "GPU" generator *is* the CPU one, so every fork that draws
      random numbers (weight init, dropout) would log it.
+  7. `torch.cuda.Event` -> a wall-clock event (`record`, `synchronize`, `elapsed_time` in
+     ms). The inference engine's text-generation controller times every step with CUDA
+     events; a CPU torch raises "Tried to instantiate dummy base class Event".
 """
 
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -82,6 +86,25 @@ class _DropForkWarning(logging.Filter):
         return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
 
 
+class _WallClockEvent:
+    """Patch 7."""
+
+    def __init__(self, *_args, **_kwargs):
+        self.time = None
+
+    def record(self, *_args, **_kwargs) -> None:
+        self.time = time.perf_counter()
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, end: "_WallClockEvent") -> float:
+        return (end.time - self.time) * 1000.0
+
+
 def _cpu_rng_state(*_args, **_kwargs) -> torch.Tensor:
     return torch.get_rng_state()
 
@@ -95,7 +118,7 @@ def is_applied() -> bool:
 
 
 def _targets() -> list:
-    """(owner, attribute, replacement) of patches 1-4, in docstring order."""
+    """(owner, attribute, replacement) of patches 1-4 and 7, in docstring order."""
     from megatron.core.tensor_parallel import random as mcore_random
 
     return [
@@ -108,6 +131,7 @@ def _targets() -> list:
         (mcore_random, "_set_cuda_rng_state", _set_cpu_rng_state),
         (torch.cuda, "manual_seed", lambda seed: torch.manual_seed(seed)),
         (torch.cuda, "synchronize", lambda *a, **k: None),
+        (torch.cuda, "Event", _WallClockEvent),
     ]
 
 

@@ -107,3 +107,17 @@ def test_remove_restores_and_cuda_machines_are_untouched(monkeypatch):
     if not was_applied:
         cpu_compat.remove()
         assert all(getattr(o, n) is f for (o, n), f in originals.items())
+
+
+def test_cuda_events_time_on_the_wall_clock(compat):
+    """Patch 7: the inference controller times steps with CUDA events."""
+    import inspect
+
+    from megatron.core.inference.text_generation_controllers import text_generation_controller
+
+    assert "torch.cuda.Event(enable_timing=True)" in inspect.getsource(text_generation_controller)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    end.record()
+    end.synchronize()
+    assert start.elapsed_time(end) >= 0.0

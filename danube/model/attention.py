@@ -110,9 +110,13 @@ class SDPAttention(MegatronModule):
         return context.permute(2, 0, 1, 3).reshape(sq, b, -1)  # [sq, b, hp]
 
     def _mask(self, sq, sk, attention_mask, attn_mask_type, q) -> Optional[torch.Tensor]:
-        """Additive mask (0 = attend, -inf = not); None means plain causal (`is_causal`)."""
+        """Additive mask (0 = attend, -inf = not); None means plain causal (`is_causal`).
+
+        `no_mask` is what megatron's inference engine passes once the prompt is in the KV
+        cache: the sq new queries are the last of sk keys and every earlier key is in the
+        past, so it is the same bottom-right causal mask (narrowed by the window)."""
         mask_type = attn_mask_type or self.attn_mask_type
-        if mask_type != AttnMaskType.causal:
+        if mask_type not in (AttnMaskType.causal, AttnMaskType.no_mask):
             raise NotImplementedError(f"attention mask type {mask_type} needs the TE backend")
         if self.window_size is None and attention_mask is None and sq == sk:
             return None

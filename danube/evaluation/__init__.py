@@ -1,0 +1,1 @@
+"""Benchmarks (lm-evaluation-harness) on danube checkpoints and Hugging Face exports."""

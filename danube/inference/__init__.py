@@ -1,0 +1,1 @@
+"""Scoring and generation from a danube checkpoint (megatron-core's inference engine)."""

@@ -1,0 +1,158 @@
+"""A danube checkpoint as one model in one process, for scoring and generation.
+
+Any saved TP/PP layout loads (megatron's dist_checkpointing reshards to TP=PP=1); adapters of
+a LoRA checkpoint are folded into the base weights, as the Hugging Face export does, so the
+native model and the export compute the same function. Logits come back over the real
+vocabulary only (megatron pads the embedding to a multiple of `make_vocab_size_divisible_by`;
+the export drops those rows), in fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+import torch
+from megatron.core import tensor_parallel
+
+from danube.config.compose import load_model_config
+from danube.config.schema import ModelConfig, PeftConfig
+from danube.data.tokenizer import Tokenizer, load_tokenizer
+from danube.paths import CONFIG_FILE, TOKENIZER_DIR, checkpoint_problem, latest_checkpoint
+
+
+class InferenceError(ValueError):
+    pass
+
+
+@dataclass
+class InferenceModel:
+    model: torch.nn.Module  # a GPTModel (or Float16Module around one), eval mode
+    tokenizer: Tokenizer
+    config: ModelConfig
+    vocab: int  # rows that are real tokens
+    device: torch.device
+    precision: str  # "32" or "bf16"
+    path: Optional[Path] = None
+
+    @property
+    def max_length(self) -> int:
+        """The longest sequence scored in one window (lm-eval's `max_length`: HF takes it from
+        `max_position_embeddings`, which is what the export writes)."""
+        return self.config.max_position_embeddings
+
+    @property
+    def gpt(self):
+        """The GPTModel itself (under Float16Module when bf16)."""
+        return getattr(self.model, "module", self.model)
+
+    @torch.no_grad()
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[b, s] token ids -> [b, s, vocab] fp32 logits (causal, no padding mask: pad on the
+        right, the padded positions cannot reach earlier ones)."""
+        tokens = tokens.to(self.device)
+        positions = torch.arange(tokens.shape[1], device=self.device).expand_as(tokens)
+        out = self.model(tokens, positions, None)
+        out = tensor_parallel.gather_from_tensor_model_parallel_region(out)
+        return out[..., : self.vocab].float()
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint directory, or a run/checkpoints directory (its newest checkpoint)."""
+    path = Path(path)
+    for root in (path, path / "checkpoints"):
+        if root.is_dir() and checkpoint_problem(root) is None:
+            return root
+        if root.is_dir():
+            latest = latest_checkpoint(root)
+            if latest is not None:
+                return latest
+    raise InferenceError(
+        f"{path} is not a danube checkpoint, nor a run directory with checkpoints/ (give e.g. "
+        "results/danube_tiny or results/danube_tiny/checkpoints/step_00000200)")
+
+
+def _single_layout(model: ModelConfig) -> ModelConfig:
+    return replace(model, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
+                   virtual_pipeline_model_parallel_size=None, context_parallel_size=1,
+                   sequence_parallel=False)
+
+
+def _peft(path: Path) -> Optional[PeftConfig]:
+    from omegaconf import OmegaConf
+
+    from danube.training.checkpoint import checkpoint_has_adapters
+
+    if not checkpoint_has_adapters(path):
+        return None
+    section = OmegaConf.load(path / CONFIG_FILE).model.get("peft")
+    merged = OmegaConf.merge(OmegaConf.structured(PeftConfig), section)
+    return OmegaConf.to_object(merged)
+
+
+def build_inference_model(path: Path, precision: str, cuda: bool) -> InferenceModel:
+    """Inside an initialised single-process world: build, load, merge adapters, eval mode."""
+    from megatron.core.transformer.module import Float16Module
+
+    from danube.model.builder import build_model_chunks, transformer_config, uses_transformer_engine
+    from danube.model.lora import lora_modules, merge_and_restart
+    from danube.training.checkpoint import load_checkpoint, lora_scale
+
+    tokenizer = load_tokenizer(path / TOKENIZER_DIR)
+    model_cfg = _single_layout(load_model_config(path / CONFIG_FILE))
+    use_te = uses_transformer_engine(model_cfg)
+    config = transformer_config(model_cfg, precision, use_te)
+    peft = _peft(path)
+    chunks = build_model_chunks(model_cfg, config, tokenizer.vocab_size, use_te, peft)
+    load_checkpoint(path, chunks)
+    if peft is not None:  # W + scale B A, then adapters that add exactly nothing, switched off
+        zeros = [(torch.zeros_like(m.lora_a), torch.zeros_like(m.lora_b))
+                 for m in lora_modules(chunks)]
+        merge_and_restart(chunks, lora_scale(path), zeros)
+        for module in lora_modules(chunks):
+            module.enabled = False
+    model = chunks[0]
+    device = torch.device(f"cuda:{torch.cuda.current_device()}" if cuda else "cpu")
+    if cuda:
+        model.cuda()
+    if config.bf16:
+        model = Float16Module(config, model)
+    model.eval()
+    return InferenceModel(model, tokenizer, model_cfg,
+                          model_cfg.vocab_size or tokenizer.vocab_size, device,
+                          "bf16" if config.bf16 else "32", path)
+
+
+@contextlib.contextmanager
+def open_checkpoint(path: Path, precision: str = "auto", accelerator: str = "auto"
+                    ) -> Iterator[InferenceModel]:
+    """The checkpoint (or a run's newest) as an InferenceModel, in a one-process world that
+    is torn down on exit. precision: auto (bf16 where the machine runs it natively), 32, bf16."""
+    from danube.config.derived import normalized_precision
+    from danube.runtime import resolve_precision, use_cuda
+    from danube.training.distributed import init_distributed, shutdown
+
+    path = resolve_checkpoint(path)
+    if not (path / TOKENIZER_DIR / "tokenizer.json").is_file():
+        raise InferenceError(f"{path} has no {TOKENIZER_DIR}/tokenizer.json: it was not "
+                             "written by danube (re-save it, or import the HF model with "
+                             "conversion/hf_to_mcore.py)")
+    cuda = use_cuda(accelerator)
+    chosen = resolve_precision(precision, cuda).precision
+    init_distributed(_single_layout(load_model_config(path / CONFIG_FILE)),
+                     "gpu" if cuda else "cpu")
+    try:
+        yield build_inference_model(path, normalized_precision(chosen), cuda)
+    finally:
+        shutdown()
+
+
+def from_training(chunks: List[torch.nn.Module], tokenizer: Tokenizer, model: ModelConfig,
+                  device: torch.device, precision: str) -> InferenceModel:
+    """The model being trained (PP=1; any TP), unwrapped from DDP, for in-loop scoring."""
+    inner = chunks[0]
+    inner = getattr(inner, "module", inner)  # DDP -> Float16Module or GPTModel
+    return InferenceModel(inner, tokenizer, model, model.vocab_size or tokenizer.vocab_size,
+                          device, precision)
