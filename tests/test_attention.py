@@ -117,3 +117,17 @@ def test_backend_choices_are_made_in_one_place():
     assert (local.te_layers, local.core_attention, local.fusions) == (False, SDPAttention, False)
     assert backend(model("local"), use_te=False).core_attention is DotProductAttention
     assert local.batch_p2p is False  # this CPU suite hides CUDA
+
+
+@pytest.mark.parametrize("window", [WINDOW, None])
+def test_decode_step_attends_like_the_last_rows_of_full_attention(megatron_world, window):
+    """megatron's inference engine passes `no_mask` once the prompt is in the KV cache: the
+    new queries are the last of the keys (bottom-right causal, narrowed by the window)."""
+    from megatron.core.transformer.enums import AttnMaskType
+
+    q, k, v = _qkv(4)
+    full = reference_attention(q, k, v, window)
+    attention = _attention("sdpa", window)
+    for new in (1, 3):  # one decode step; a few tokens at once
+        out = attention(q[-new:], k, v, attention_mask=None, attn_mask_type=AttnMaskType.no_mask)
+        torch.testing.assert_close(out, full[-new:], rtol=1e-5, atol=1e-5)

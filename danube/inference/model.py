@@ -140,11 +140,17 @@ def open_checkpoint(path: Path, precision: str = "auto", accelerator: str = "aut
                              "written by danube (re-save it, or import the HF model with "
                              "conversion/hf_to_mcore.py)")
     cuda = use_cuda(accelerator)
-    chosen = resolve_precision(precision, cuda).precision
+    chosen = normalized_precision(resolve_precision(precision, cuda).precision)
+    if torch.distributed.is_initialized():  # a caller's one-process world (tests, notebooks)
+        if torch.distributed.get_world_size() != 1:
+            raise InferenceError("open_checkpoint runs in one process; run it outside "
+                                 "torchrun (or score in the loop: model.downstream_eval)")
+        yield build_inference_model(path, chosen, cuda)
+        return
     init_distributed(_single_layout(load_model_config(path / CONFIG_FILE)),
                      "gpu" if cuda else "cpu")
     try:
-        yield build_inference_model(path, normalized_precision(chosen), cuda)
+        yield build_inference_model(path, chosen, cuda)
     finally:
         shutdown()
 

@@ -1,0 +1,75 @@
+"""Multi-turn chat with a checkpoint's chat template, and MT-Bench answers in FastChat's format.
+
+The prompt of every turn is the whole conversation rendered by the same template SFT trained
+with (`ChatTemplate.for_tokenizer`: the tokenizer's own, else H2O-Danube's) with the
+generation prompt (`<|answer|>`), tokenized the way SFT tokenized it; the answer ends at the
+end-of-turn token (EOS), or at a template marker if the model writes one as text.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Callable, List, Optional
+
+from danube.data.chat import ChatTemplate
+from danube.inference.generate import Sampling, generate
+from danube.inference.model import InferenceModel
+
+MARKERS = ("<|prompt|>", "<|system|>", "<|answer|>", "<|im_start|>", "<|im_end|>")
+
+
+class ChatSession:
+    def __init__(self, im: InferenceModel, sampling: Sampling, system: Optional[str] = None):
+        self.im = im
+        self.template = ChatTemplate.for_tokenizer(im.tokenizer)
+        stops = [m for m in MARKERS if m in self.template.source] + list(sampling.stop)
+        self.sampling = Sampling(**{**sampling.__dict__, "stop": tuple(dict.fromkeys(stops))})
+        self.system = system
+        self.messages: List[dict] = []
+        self.dropped = 0  # earlier turns left out to fit the context
+
+    def reset(self) -> None:
+        self.messages, self.dropped = [], 0
+
+    def prompt_ids(self) -> List[int]:
+        """The conversation so far + the generation prompt; the oldest exchanges are dropped
+        when it would not leave room for the answer."""
+        budget = self.im.config.max_position_embeddings - self.sampling.max_new_tokens
+        while True:
+            head = [{"role": "system", "content": self.system}] if self.system else []
+            text = self.template.render(head + self.messages, add_generation_prompt=True)
+            ids = self.im.tokenizer.tokenize(text)
+            if len(ids) <= budget or len(self.messages) <= 1:
+                return ids[-budget:]
+            self.messages = self.messages[2:]
+            self.dropped += 2
+
+    def reply(self, text: str, on_text: Optional[Callable[[str], None]] = None) -> str:
+        self.messages.append({"role": "user", "content": text})
+        answer = generate(self.im, [self.prompt_ids()], self.sampling, on_text=on_text)[0].text
+        self.messages.append({"role": "assistant", "content": answer})
+        return answer
+
+
+def mt_bench_answers(im: InferenceModel, sampling: Sampling, output: Path, model_id: str,
+                     limit: Optional[int] = None) -> int:
+    """Answer MT-Bench's 80 two-turn questions; write FastChat's `model_answer` JSONL
+    (llm_judge/data/mt_bench/model_answer/<model_id>.jsonl) for a judge to score elsewhere."""
+    from danube.evaluation.data import mt_bench_questions
+
+    questions = mt_bench_questions()[:limit] if limit else mt_bench_questions()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(output.name + ".tmp")
+    with open(tmp, "w") as f:
+        for question in questions:
+            session = ChatSession(im, sampling)
+            turns = [session.reply(turn) for turn in question["turns"]]
+            f.write(json.dumps({
+                "question_id": question["question_id"], "answer_id": uuid.uuid4().hex,
+                "model_id": model_id, "choices": [{"index": 0, "turns": turns}],
+                "tstamp": time.time()}) + "\n")
+    tmp.replace(output)
+    return len(questions)
