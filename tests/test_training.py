@@ -16,9 +16,11 @@ def test_danube_tiny_learns_and_logs(tmp_path):
                   "trainer.limit_val_batches=2", "trainer.limit_test_batches=1",
                   "model.optim.sched.warmup_steps=5",
                   "exp_manager.checkpoint_callback_params.every_n_train_steps=15",
+                  "model.downstream_eval.tasks=[arc_easy]", "model.downstream_eval.limit=20",
                   f"exp_manager.exp_dir={tmp_path}"])
     exp = tmp_path / "danube_tiny"
     records = read_metrics(exp)
+    _downstream_equals_evaluating_the_checkpoint(records, exp)
     train = [r for r in records if "loss" in r]
     assert [r["step"] for r in train] == list(range(1, 31))
     for record in train:
@@ -37,6 +39,21 @@ def test_danube_tiny_learns_and_logs(tmp_path):
     assert (exp / "checkpoints" / "step_00000030" / "config.yaml").is_file()
     assert (exp / "checkpoints" / "step_00000030" / "tokenizer" / "tokenizer.json").is_file()
     assert (exp / "config.yaml").is_file()
+
+
+def _downstream_equals_evaluating_the_checkpoint(records, exp):
+    """model.downstream_eval scored at steps 15 and 30, and step 30's numbers are what
+    eval/evaluate.py gives on the step-30 checkpoint with the same limit."""
+    from danube.evaluation.lm import DanubeLM
+    from danube.evaluation.run import EvalSettings, headline, score
+    from danube.inference.model import open_checkpoint
+
+    scored = [r for r in records if "downstream/arc_easy/acc_norm" in r]
+    assert [r["step"] for r in scored] == [15, 30]
+    with open_checkpoint(exp / "checkpoints" / "step_00000030") as im:
+        again = headline(score(DanubeLM(im), EvalSettings(tasks=["arc_easy"], limit=20)))
+    assert {f"downstream/{k}": v for k, v in again.items()} == {
+        k: v for k, v in scored[1].items() if k.startswith("downstream/")}
 
 
 @pytest.mark.parametrize("precision", ["32", "bf16-mixed"])

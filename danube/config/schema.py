@@ -138,6 +138,24 @@ class OptimConfig:
 
 
 @dataclass
+class DownstreamEvalConfig:
+    """Benchmarks scored during training (lm-evaluation-harness on the live model), logged
+    beside the validation loss. No NeMo key: NeMo, Megatron and torchtitan log only loss."""
+
+    tasks: List[str] = field(default_factory=list)
+    """Offline task names or suites (eval/tasks/, `eval/evaluate.py --list`); empty = off."""
+    limit: int = 100
+    """Documents per task (a fixed subset: the first N, the same every time)."""
+    every_n_steps: Optional[int] = None
+    """Steps between evaluations; null = at every validation (trainer.val_check_interval)
+    and at the last step."""
+    num_fewshot: Optional[int] = None
+    """Few-shot examples (null: the task's default)."""
+    batch_size: int = 8
+    """Requests per forward pass."""
+
+
+@dataclass
 class ModelConfig:
     micro_batch_size: int = 4
     """Sequences per forward/backward pass on one data-parallel rank."""
@@ -247,6 +265,8 @@ class ModelConfig:
     """Pretraining data."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimizer and schedule."""
+    downstream_eval: DownstreamEvalConfig = field(default_factory=DownstreamEvalConfig)
+    """Benchmarks scored while training (off unless `tasks` names some)."""
 
 
 @dataclass

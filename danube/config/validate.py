@@ -398,6 +398,25 @@ def _check_peft(m, problems: List[str]) -> None:
                         "supported yet: set sequence_parallel=false")
 
 
+def _check_downstream(cfg, problems: List[str]) -> None:
+    d, key = cfg.model.downstream_eval, "model.downstream_eval"
+    if not d.tasks:
+        return
+    from danube.evaluation.run import offline_task_names
+
+    unknown = sorted(set(d.tasks) - offline_task_names())
+    if unknown:
+        problems.append(f"{key}.tasks: {unknown} are not offline tasks; use some of "
+                        f"{sorted(offline_task_names())} (eval/evaluate.py --list)")
+    if cfg.model.pipeline_model_parallel_size != 1:
+        problems.append(f"{key} scores the live model and needs "
+                        "model.pipeline_model_parallel_size=1: evaluate the checkpoints with "
+                        "eval/evaluate.py instead")
+    _check_positive(problems, key, d, ["limit", "batch_size"])
+    if d.every_n_steps is not None and d.every_n_steps < 1:
+        problems.append(f"{key}.every_n_steps={d.every_n_steps} must be >= 1 (or null)")
+
+
 def validate(cfg) -> List[str]:
     """Every problem of the config (pretraining or SFT), as 'key=value: what is wrong; the fix'
     lines."""
@@ -407,6 +426,7 @@ def validate(cfg) -> List[str]:
     _check_parallelism(cfg, problems)
     _check_fp8(cfg, problems)
     _check_optim(cfg, problems)
+    _check_downstream(cfg, problems)
     STAGE_CHECKS[type(cfg)](cfg, problems)
     return problems
 

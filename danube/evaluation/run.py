@@ -39,6 +39,17 @@ class EvalSettings:
     seed: int = 1234
 
 
+def offline_task_names() -> set:
+    """Task and group names defined under eval/tasks/ (read from the YAML text: cheap enough
+    for config validation)."""
+    import re
+
+    names = set()
+    for path in EVAL_TASKS_DIR.rglob("*.yaml"):
+        names.update(re.findall(r"^(?:task|group):[ \t]*['\"]?([\w.-]+)", path.read_text(), re.M))
+    return names
+
+
 def is_hf_directory(path: Path) -> bool:
     return (path / "config.json").is_file() and not (path / CONFIG_FILE).is_file() and any(
         path.glob("*.safetensors")) | any(path.glob("*.bin"))

@@ -200,6 +200,22 @@ def _validate(trainer: Trainer, split: str, batches: int) -> Optional[float]:
     return metrics["loss"]
 
 
+def _downstream_due(trainer: Trainer, last: bool) -> bool:
+    d = trainer.cfg.model.downstream_eval
+    every = d.every_n_steps or trainer.cfg.trainer.val_check_interval
+    return bool(d.tasks) and (trainer.step % every == 0 or last)
+
+
+def _downstream(trainer: Trainer) -> None:
+    """model.downstream_eval: benchmarks on the live model, logged beside the losses."""
+    from danube.evaluation.downstream import score_live_model
+
+    precision = normalized_precision(trainer.cfg.trainer.precision)
+    scores = score_live_model(trainer.model, trainer.tokenizer, trainer.cfg.model,
+                              trainer.device, precision)
+    trainer.log.log_downstream(trainer.step, scores)
+
+
 def save(trainer: Trainer) -> None:
     cfg, m = trainer.cfg, trainer.cfg.model
     root = checkpoint_root(cfg.exp_manager)
@@ -250,6 +266,8 @@ def train_loop(trainer: Trainer) -> None:
             window_time, window_tokens = 0.0, 0
         if trainer.step % t.val_check_interval == 0 or last:
             trainer.last_val_loss = _validate(trainer, "val", t.limit_val_batches)
+        if _downstream_due(trainer, last):
+            _downstream(trainer)
         if every and trainer.step % every == 0:
             save(trainer)
     # The last step, unless already saved (also step 0 with max_steps=0: initial weights).

@@ -1,8 +1,9 @@
 """Run logging on rank 0: console progress, TensorBoard, and a JSONL metrics file.
 
 metrics.jsonl holds one object per logged step ({"step", "loss", "lr", "grad_norm",
-"tokens_per_s", ...}) and one per validation ({"step", "val_loss", "val_ppl"}); a resumed
-run appends to it.
+"tokens_per_s", ...}), one per validation ({"step", "val_loss", "val_ppl"}) and one per
+downstream evaluation ({"step", "downstream/arc_easy/acc_norm", ...}); a resumed run appends
+to it.
 """
 
 from __future__ import annotations
@@ -77,6 +78,15 @@ class MetricsLogger:
             record[f"{split}_ppl"] = math.exp(min(metrics["loss"], 50.0))
         self._write({"step": step, **record})
         print(f"step {step} | " + " | ".join(f"{k} {v:.4g}" for k, v in record.items()),
+              flush=True)
+
+    def log_downstream(self, step: int, scores: Dict[str, float]) -> None:
+        """Benchmark scores ({"arc_easy/acc_norm": ...}) as "downstream/<task>/<metric>"."""
+        if not self.enabled:
+            return
+        record = {f"downstream/{name}": value for name, value in scores.items()}
+        self._write({"step": step, **record})
+        print(f"step {step} | " + " | ".join(f"{k} {v:.4g}" for k, v in scores.items()),
               flush=True)
 
     def info(self, message: str) -> None:
