@@ -1,7 +1,8 @@
 # Two entry points do all the set-up on a fresh machine (README "Quick start"):
 #   make demo   the miniature Danube recipe on the embedded data: pretrain danube_tiny, SFT
-#               it, DPO the SFT model (each stage resumes, or does nothing when done), then
-#               a summary
+#               it, DPO the SFT model (each stage resumes, or does nothing when done), a
+#               summary, the DPO model on the H2O-Danube base suite (200 documents per
+#               task, offline), one chat exchange with it, and the plots (results/plots)
 #   make test   the test suite (what .ci/run calls)
 PYTHON ?= python3
 VENV ?= .venv
@@ -35,6 +36,11 @@ demo: setup
 	$(BIN)/python launchers/dpo.py
 	$(BIN)/python launchers/summary.py results/danube_tiny results/danube_tiny_sft \
 	    results/danube_tiny_dpo
+	$(BIN)/python eval/evaluate.py results/danube_tiny_dpo --tasks danube_base --limit 200
+	printf 'What does `os.getcwd` do?\n/exit\n' | $(BIN)/python launchers/chat.py \
+	    results/danube_tiny_dpo --max-new-tokens 48
+	$(BIN)/python eval/plot.py results/danube_tiny results/danube_tiny_sft \
+	    results/danube_tiny_dpo --out results/plots
 
 test: setup-test
 	$(BIN)/python -m pytest -q

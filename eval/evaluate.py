@@ -17,6 +17,9 @@ from pathlib import Path
 
 
 def main(argv=None) -> int:
+    from danube.runtime import quiet_engine_notices
+
+    quiet_engine_notices()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("target", nargs="?", type=Path,
                         help="danube checkpoint, run directory or Hugging Face directory")

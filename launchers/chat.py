@@ -7,12 +7,14 @@ Type a message and Enter. /reset starts over, /exit (or Ctrl-D) ends. Input may 
 """
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 
 def main(argv=None) -> int:
+    from danube.runtime import quiet_engine_notices
+
+    quiet_engine_notices()
     from danube.inference.cli import add_sampling_arguments, sampling_from
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -21,7 +23,6 @@ def main(argv=None) -> int:
     add_sampling_arguments(parser, max_new_tokens=256)
     args = parser.parse_args(argv)
     sampling = sampling_from(args)
-    os.environ.setdefault("TQDM_DISABLE", "1")  # megatron's engine draws a bar per answer
 
     from danube.data.chat import ChatDataError
     from danube.inference.chat import ChatSession

@@ -17,6 +17,9 @@ from pathlib import Path
 
 
 def main(argv=None) -> int:
+    from danube.runtime import quiet_engine_notices
+
+    quiet_engine_notices()
     from danube.inference.cli import add_sampling_arguments, sampling_from
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -5,6 +5,7 @@ a score written beside the numbers."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -98,11 +99,27 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+class _Notices(logging.Filter):
+    """lm-eval's per-task notices that say nothing about our tasks."""
+
+    NOISE = ("Custom kwargs can be passed", "is defined, but aggregation is not",
+             "is defined, but higher_is_better is not")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in record.getMessage() for text in self.NOISE)
+
+
 def score(lm, settings: EvalSettings, manager=None) -> dict:
     """lm-eval's simple_evaluate on an LM instance, offline."""
+    import datasets
     from lm_eval import simple_evaluate
 
     os.environ.update(OFFLINE)
+    datasets.disable_progress_bars()
+    for name in ("lm_eval.api.task", "lm-eval", "lm_eval"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _Notices) for f in logger.filters):
+            logger.addFilter(_Notices())
     manager = manager or task_manager(settings.tasks)
     return simple_evaluate(
         model=lm, tasks=settings.tasks, num_fewshot=settings.num_fewshot,

@@ -101,6 +101,21 @@ def _real_vocab_only(im: InferenceModel) -> Iterator[None]:
         handle.remove()
 
 
+@contextlib.contextmanager
+def _no_progress_bar() -> Iterator[None]:
+    """The static engine draws a tqdm bar per batch, which would cut into streamed text."""
+    from functools import partial
+
+    from megatron.core.inference.engines import static_engine
+
+    original = static_engine.tqdm
+    static_engine.tqdm = partial(original, disable=True)
+    try:
+        yield
+    finally:
+        static_engine.tqdm = original
+
+
 def _engine(im: InferenceModel, batch: int, max_seq_length: int, seed: int):
     from megatron.core.inference.contexts import StaticInferenceContext
     from megatron.core.inference.engines import StaticInferenceEngine
@@ -202,7 +217,8 @@ def generate(im: InferenceModel, prompts: Sequence, sampling: Sampling,
                     stream = _text_stream(on_text, sampling.stop)
                     engine.scheduler.streams[rid] = stream
                 request_ids.append(rid)
-            engine.run_engine()
+            with _no_progress_bar():
+                engine.run_engine()
             for rid, tokens in zip(request_ids, chunk):
                 done = engine.scheduler.completed_request_pool[rid]
                 out = [int(t) for t in done.generated_tokens]

@@ -131,9 +131,10 @@ def open_checkpoint(path: Path, precision: str = "auto", accelerator: str = "aut
     """The checkpoint (or a run's newest) as an InferenceModel, in a one-process world that
     is torn down on exit. precision: auto (bf16 where the machine runs it natively), 32, bf16."""
     from danube.config.derived import normalized_precision
-    from danube.runtime import resolve_precision, use_cuda
+    from danube.runtime import quiet_engine_notices, resolve_precision, use_cuda
     from danube.training.distributed import init_distributed, shutdown
 
+    quiet_engine_notices()
     path = resolve_checkpoint(path)
     if not (path / TOKENIZER_DIR / "tokenizer.json").is_file():
         raise InferenceError(f"{path} has no {TOKENIZER_DIR}/tokenizer.json: it was not "

@@ -1,8 +1,20 @@
-"""lm-eval's own preprocessing for HellaSwag and WinoGrande (imported, not copied)."""
+"""lm-eval's own preprocessing for HellaSwag and WinoGrande (imported, not copied).
 
-from lm_eval.tasks.hellaswag.utils import process_docs as hellaswag_docs  # noqa: F401
+lm-eval applies `process_docs` on every access to a split (five times per run); the 10,042
+HellaSwag documents are processed once per dataset here (a cache by fingerprint)."""
+
+from lm_eval.tasks.hellaswag.utils import process_docs
 from lm_eval.tasks.winogrande.preprocess_winogrande import (  # noqa: F401
     doc_to_choice as winogrande_choice,
     doc_to_target as winogrande_target,
     doc_to_text as winogrande_text,
 )
+
+_processed = {}
+
+
+def hellaswag_docs(dataset):
+    key = dataset._fingerprint
+    if key not in _processed:
+        _processed[key] = process_docs(dataset)
+    return _processed[key]
