@@ -37,12 +37,12 @@ def best_of_rounds(script: str, modes: Sequence[str], rounds: int, worker_args: 
     return best
 
 
-def start_checkpoint(scratch: Path) -> Path:
+def start_checkpoint(scratch: Path, overrides: Sequence[str] = ()) -> Path:
     """danube_tiny's step-0 weights (the fine-tuning benches measure speed, not quality)."""
     subprocess.run([sys.executable, str(ROOT / "launchers" / "pretrain.py"),
                     "trainer.max_steps=0", "model.optim.sched.max_steps=300",
                     "trainer.limit_val_batches=0", "trainer.limit_test_batches=0",
-                    f"exp_manager.exp_dir={scratch}", "exp_manager.name=init"],
+                    f"exp_manager.exp_dir={scratch}", "exp_manager.name=init", *overrides],
                    check=True, capture_output=True, cwd=ROOT)
     return scratch / "init"
 

@@ -3,7 +3,8 @@
 The request semantics are the Hugging Face backend's (lm_eval/models/huggingface.py), so a
 checkpoint and its export score the same, request by request (tests/test_evaluation.py):
 - log-likelihood: the input is (context + continuation)[-(max_length + 1):][:-1]; batches
-  are sorted by length, right-padded with no mask (a causal model's earlier positions cannot
+  are sorted by length, right-padded with no mask; the LM head and the softmax run only at
+  the continuation's positions (HF's backend computes them at every position) (a causal model's earlier positions cannot
   see the padding, so batch size changes a score only by float rounding);
 - rolling log-likelihood: lm-eval's disjoint windows of `max_length` with one token of context,
   the first token conditioned on the prefix token;
@@ -75,14 +76,18 @@ class DanubeLM(TemplateLM):
         for start in range(0, len(order), self.batch_size):
             rows = order[start: start + self.batch_size]
             width = max(len(inputs[i]) for i in rows)
+            keep = max(lengths[i] for i in rows)  # the continuation positions, right-aligned
             batch = torch.full((len(rows), width), self.eot_token_id, dtype=torch.long)
+            positions = torch.zeros((len(rows), keep), dtype=torch.long)
             for r, i in enumerate(rows):
-                batch[r, : len(inputs[i])] = torch.tensor(inputs[i])
-            log_probs = F.log_softmax(self.im.logits(batch), dim=-1).cpu()
+                end = len(inputs[i])
+                batch[r, :end] = torch.tensor(inputs[i])
+                positions[r] = torch.arange(end - keep, end).clamp(min=0)
+            log_probs = F.log_softmax(self.im.logits(batch, positions), dim=-1).cpu()
             for r, i in enumerate(rows):
-                end, count = len(inputs[i]), lengths[i]
+                count = lengths[i]
                 target = torch.tensor(pieces[i][1][-count:], dtype=torch.long)
-                scores = log_probs[r, end - count: end]
+                scores = log_probs[r, keep - count:]
                 total = scores.gather(-1, target.unsqueeze(-1)).sum()
                 results[i] = (float(total), bool((scores.argmax(-1) == target).all()))
         return results

@@ -49,12 +49,30 @@ class InferenceModel:
         return getattr(self.model, "module", self.model)
 
     @torch.no_grad()
-    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+    def logits(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None
+               ) -> torch.Tensor:
         """[b, s] token ids -> [b, s, vocab] fp32 logits (causal, no padding mask: pad on the
-        right, the padded positions cannot reach earlier ones)."""
+        right, the padded positions cannot reach earlier ones). With `positions` [b, k]: the
+        logits at those positions only, [b, k, vocab]; the LM head and softmax then run on
+        b x k rows instead of b x s (scoring needs the continuation's few positions)."""
         tokens = tokens.to(self.device)
-        positions = torch.arange(tokens.shape[1], device=self.device).expand_as(tokens)
-        out = self.model(tokens, positions, None)
+        position_ids = torch.arange(tokens.shape[1], device=self.device).expand_as(tokens)
+        hook = None
+        if positions is not None:
+            index = positions.to(self.device).t()  # [k, b]
+
+            def only_positions(_module, args, kwargs):
+                hidden = args[0]  # [s, b, h]
+                picked = hidden.gather(0, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+                return (picked, *args[1:]), kwargs
+
+            hook = self.gpt.output_layer.register_forward_pre_hook(only_positions,
+                                                                   with_kwargs=True)
+        try:
+            out = self.model(tokens, position_ids, None)
+        finally:
+            if hook is not None:
+                hook.remove()
         out = tensor_parallel.gather_from_tensor_model_parallel_region(out)
         return out[..., : self.vocab].float()
 
