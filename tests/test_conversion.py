@@ -272,6 +272,14 @@ def test_export_does_not_depend_on_the_training_layout(tmp_path, init_checkpoint
         exported = export(saved, f"from_{name}")
         assert set(exported) == set(reference)
         assert all(torch.equal(exported[k], reference[k]) for k in reference), name
+        # evaluation and generation load any layout into one process the same way
+        from danube.inference.model import open_checkpoint
+
+        tokens = torch.arange(3, 40).reshape(1, -1)
+        with open_checkpoint(init_checkpoint, "32") as im:
+            expected = im.logits(tokens)
+        with open_checkpoint(saved, "32") as im:
+            assert torch.equal(im.logits(tokens), expected), name
 
 
 def test_1_8b_layouts_map_every_key_with_the_right_shape(megatron_world):

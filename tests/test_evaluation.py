@@ -252,3 +252,29 @@ def test_generate_launcher_reads_prompts_and_writes_mt_bench_answers(model, tmp_
     with pytest.raises(SystemExit):
         generate_cli.main([ckpt, "--input", str(bad)])
     assert "bad.jsonl:2" in capsys.readouterr().err
+
+
+def test_plots_show_every_run_and_every_evaluated_checkpoint(tmp_path):
+    plot = _load(ROOT / "eval" / "plot.py")
+    runs = []
+    for name, scale in (("base", 1.0), ("sft", 0.5)):
+        run = tmp_path / name
+        (run / "checkpoints" / "step_00000004" / "eval").mkdir(parents=True)
+        records = [{"step": s, "loss": scale * (5 - s), "lr": 1e-3, "grad_norm": 1.0 / s,
+                    "tokens_per_s": 100.0 * s} for s in range(1, 5)]
+        records += [{"step": 4, "val_loss": scale * 1.5},
+                    {"step": 4, "downstream/arc_easy/acc_norm": 0.25 * scale}]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        results = {"results": {"piqa": {"acc,none": 0.5 + scale / 10, "acc_stderr,none": 0.1}}}
+        (run / "checkpoints" / "step_00000004" / "eval" / "results_1.json").write_text(
+            json.dumps(results))
+        runs.append(run)
+    out = tmp_path / "plots"
+    assert plot.main([str(r) for r in runs] + ["--out", str(out)]) == 0
+    for name in ("loss", "lr", "grad_norm", "tokens_per_s", "downstream", "comparison"):
+        data = (out / f"{name}.png").read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
+    table = (out / "comparison.md").read_text()
+    assert "| sft/step_00000004 |" in table and "0.550" in table and "0.600" in table
+    assert "arc_easy/acc_norm (in loop)" in table and "0.125" in table
+    assert plot.main([str(tmp_path / "missing")]) == 2

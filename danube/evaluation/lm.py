@@ -3,9 +3,9 @@
 The request semantics are the Hugging Face backend's (lm_eval/models/huggingface.py), so a
 checkpoint and its export score the same, request by request (tests/test_evaluation.py):
 - log-likelihood: the input is (context + continuation)[-(max_length + 1):][:-1]; batches
-  are sorted by length, right-padded with no mask; the LM head and the softmax run only at
-  the continuation's positions (HF's backend computes them at every position) (a causal model's earlier positions cannot
-  see the padding, so batch size changes a score only by float rounding);
+  are sorted by length, right-padded with no mask (a causal model's earlier positions cannot
+  see the padding, so batch size changes a score only by float rounding); the LM head and the
+  softmax run only at the continuation's positions (HF's backend: at every position);
 - rolling log-likelihood: lm-eval's disjoint windows of `max_length` with one token of context,
   the first token conditioned on the prefix token;
 - BOS, pinned: `add_bos` (default off: danube's data preparation never puts BOS in front of a

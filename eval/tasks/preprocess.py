@@ -4,12 +4,11 @@ lm-eval applies `process_docs` on every access to a split (five times per run); 
 HellaSwag documents are processed once per dataset here (a cache by fingerprint)."""
 
 from lm_eval.tasks.hellaswag.utils import process_docs
-from lm_eval.tasks.winogrande.preprocess_winogrande import (  # noqa: F401
-    doc_to_choice as winogrande_choice,
-    doc_to_target as winogrande_target,
-    doc_to_text as winogrande_text,
-)
+from lm_eval.tasks.winogrande import preprocess_winogrande
 
+winogrande_text = preprocess_winogrande.doc_to_text
+winogrande_target = preprocess_winogrande.doc_to_target
+winogrande_choice = preprocess_winogrande.doc_to_choice
 _processed = {}
 
 
