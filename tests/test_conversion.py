@@ -95,6 +95,10 @@ def test_import_export_is_exact(tmp_path, megatron_world, name):
     reference = hf_logits(hf_dir, tokens)
     torch.testing.assert_close(our_logits(tmp_path / "ours" / "checkpoint", tokens), reference,
                                rtol=1e-5, atol=1e-5)
+    from danube.inference.model import open_checkpoint
+
+    with open_checkpoint(tmp_path / "ours", "32") as im:  # what evaluate/generate/chat load
+        torch.testing.assert_close(im.logits(tokens), reference, rtol=1e-5, atol=1e-5)
 
     convert("mcore_to_hf.py", tmp_path / "ours" / "checkpoint", tmp_path / "back",
             "--max-shard-size", "20KB")

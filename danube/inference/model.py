@@ -78,8 +78,11 @@ class InferenceModel:
 
 
 def resolve_checkpoint(path: Path) -> Path:
-    """A checkpoint directory, or a run/checkpoints directory (its newest checkpoint)."""
+    """A checkpoint directory, a run/checkpoints directory (its newest checkpoint), or the
+    output directory of conversion/hf_to_mcore.py (its checkpoint/)."""
     path = Path(path)
+    if (path / "checkpoint").is_dir() and checkpoint_problem(path / "checkpoint") is None:
+        return path / "checkpoint"
     for root in (path, path / "checkpoints"):
         if root.is_dir() and checkpoint_problem(root) is None:
             return root
@@ -88,8 +91,9 @@ def resolve_checkpoint(path: Path) -> Path:
             if latest is not None:
                 return latest
     raise InferenceError(
-        f"{path} is not a danube checkpoint, nor a run directory with checkpoints/ (give e.g. "
-        "results/danube_tiny or results/danube_tiny/checkpoints/step_00000200)")
+        f"{path} is not a danube checkpoint, a run directory with checkpoints/ or an imported "
+        "model (give e.g. results/danube_tiny, results/danube_tiny/checkpoints/step_00000200 "
+        "or the output directory of conversion/hf_to_mcore.py)")
 
 
 def _single_layout(model: ModelConfig) -> ModelConfig:
