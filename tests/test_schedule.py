@@ -45,3 +45,31 @@ def test_sched_max_steps_decouples_the_horizon_from_the_run_length():
     scheduler = build_scheduler(optim, 10, optimizer)  # a 10-step run of a 1000-step schedule
     scheduler.step(increment=500)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(LR / 2, rel=1e-9)
+
+
+def test_on_resume_the_config_wins_over_the_checkpoint():
+    """A run resumed with a new lr/min_lr/warmup follows the new schedule from the saved step
+    (megatron's default would silently keep the checkpoint's values), and the launch can list
+    what changed."""
+    from danube.config.compose import config_changes
+
+    def scheduler(lr, min_lr):
+        optim = OptimConfig(lr=lr, weight_decay=0.1, sched=SchedConfig(
+            name="CosineAnnealing", warmup_steps=WARMUP, constant_steps=CONSTANT, min_lr=min_lr))
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+        return build_scheduler(optim, STEPS, optimizer), optimizer
+
+    old, _ = scheduler(LR, MIN_LR)
+    for _ in range(30):
+        old.step(increment=1)
+    new, optimizer = scheduler(LR / 2, MIN_LR / 2)
+    new.load_state_dict(old.state_dict())
+    new.step(increment=1)  # update 31
+    assert new.max_lr == LR / 2 and new.num_steps == 31
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(expected("CosineAnnealing", 31) / 2)
+
+    before = "# precision note\nmodel:\n  optim:\n    lr: 0.0002\n    betas: [0.9, 0.95]\n"
+    after = "model:\n  optim:\n    lr: 0.0001\n    betas: [0.9, 0.95]\n  seed: 3\n"
+    assert config_changes(before, after) == ["model.optim.lr: 0.0002 -> 0.0001",
+                                             "model.seed: (absent) -> 3"]
+    assert config_changes(after, after) == []

@@ -69,6 +69,8 @@ def test_resume_equals_uninterrupted(tmp_path):
     run_pretrain([*common, "trainer.max_steps=2", "exp_manager.name=resumed"])
     second = run_pretrain([*common, "trainer.max_steps=4", "exp_manager.name=resumed"])
     assert "resumed from" in second.stdout and "(step 2)" in second.stdout
+    assert "settings changed since that checkpoint" in second.stdout
+    assert "trainer.max_steps: 2 -> 4" in second.stdout
     straight, resumed = train_losses(tmp_path / "straight"), train_losses(tmp_path / "resumed")
     assert list(straight) == [1, 2, 3, 4]
     assert resumed == straight

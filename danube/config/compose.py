@@ -155,3 +155,23 @@ def load_yaml_config(path: os.PathLike) -> PretrainConfig:
     loaded.pop("defaults", None)
     merged = OmegaConf.merge(OmegaConf.structured(PretrainConfig), loaded)
     return OmegaConf.to_object(merged)
+
+
+def config_changes(before: str, after: str) -> List[str]:
+    """'key: old -> new' for every setting that differs between two saved config YAML texts
+    (a checkpoint's config.yaml and the run resuming from it), keys dotted, sorted."""
+
+    def flat(node, prefix=""):
+        if isinstance(node, dict):
+            out = {}
+            for key, value in node.items():
+                out.update(flat(value, f"{prefix}{key}."))
+            return out
+        return {prefix[:-1]: node}
+
+    old = flat(OmegaConf.to_container(OmegaConf.create(before), resolve=False) or {})
+    new = flat(OmegaConf.to_container(OmegaConf.create(after), resolve=False) or {})
+    missing = object()
+    return [f"{key}: {old.get(key, '(absent)')} -> {new.get(key, '(absent)')}"
+            for key in sorted(set(old) | set(new))
+            if old.get(key, missing) != new.get(key, missing)]

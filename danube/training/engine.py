@@ -72,7 +72,10 @@ def build_scheduler(
     """NeMo schedule names on megatron's scheduler, stepped once per optimizer step:
     linear warmup to lr, decay to min_lr at (horizon - constant_steps), then flat.
     `train_step` advances it *before* each update, so update k (from 1) uses
-    lr * k / warmup_steps as NeMo's warmup does (megatron-LM spends its first update at lr 0)."""
+    lr * k / warmup_steps as NeMo's warmup does (megatron-LM spends its first update at lr 0).
+    On resume the config wins (NeMo's behaviour; megatron's default keeps the checkpoint's
+    lr/min_lr/warmup/decay while config.yaml would record the new ones): only the step count
+    comes from the checkpoint, and the launch lists what changed (loop.restore)."""
     sched = optim.sched
     horizon = sched.max_steps or max_steps
     return OptimizerParamScheduler(
@@ -87,4 +90,6 @@ def build_scheduler(
         end_wd=optim.weight_decay,
         wd_incr_steps=horizon,
         wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,
     )

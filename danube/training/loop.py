@@ -16,10 +16,11 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 import torch
 from megatron.core import parallel_state
 
-from danube.config.compose import to_yaml
+from danube.config.compose import config_changes, to_yaml
 from danube.config.derived import normalized_precision
 from danube.model.builder import build_model_chunks, transformer_config, uses_transformer_engine
 from danube.paths import (
+    CONFIG_FILE,
     CheckpointMeta,
     checkpoint_dir_name,
     checkpoint_root,
@@ -184,6 +185,12 @@ def restore(trainer: Trainer, initial_weights: Optional[Path]) -> None:
         trainer.step, trainer.consumed_samples = meta.step, meta.consumed_samples
         trainer.last_val_loss = meta.val_loss
         trainer.log.info(f"resumed from {latest} (step {meta.step})")
+        saved = latest / CONFIG_FILE
+        changes = config_changes(saved.read_text(), trainer.config_yaml) \
+            if saved.is_file() else []
+        if changes:
+            trainer.log.info("settings changed since that checkpoint (this run's config wins, "
+                             "and config.yaml records it):\n  " + "\n  ".join(changes))
     elif initial_weights is not None:
         load_initial(trainer, initial_weights)
 
