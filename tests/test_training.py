@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.conftest import QUIET, SMALL_MODEL, read_metrics, run_pretrain, train_losses
@@ -96,3 +98,28 @@ def test_micro_batches_accumulate_like_one_batch(tmp_path):
     assert mb4[4] < mb4[1]
 
 
+
+
+def test_divergence_stops_before_saving_and_checkpoints_own_their_val_loss(tmp_path):
+    """trainer.nan_policy=stop: the step whose gradient norm is NaN ends the run (exit code 3,
+    the last good checkpoint named) and is never checkpointed. A checkpoint saved between
+    validations records no validation loss (not an older step's, which save_top_k with
+    monitor val_loss would misrank)."""
+    common = [*SMALL_MODEL, *QUIET, "trainer.precision=32",
+              "exp_manager.checkpoint_callback_params.every_n_train_steps=1",
+              f"exp_manager.exp_dir={tmp_path}"]
+    diverging = run_pretrain([*common, "trainer.max_steps=4", "model.optim.lr=1e30",
+                              "model.optim.sched.warmup_steps=0", "exp_manager.name=nan"],
+                             check=False)
+    assert diverging.returncode == 3, diverging.stderr[-2000:]
+    assert "the run diverged" in diverging.stderr and "step_00000001" in diverging.stderr
+    assert sorted(p.name for p in (tmp_path / "nan" / "checkpoints").iterdir()) == [
+        "step_00000001"]
+    run_pretrain([*common, *SHORT_SCHEDULE, "trainer.max_steps=4", "trainer.val_check_interval=2",
+                  "trainer.limit_val_batches=1", "exp_manager.name=val",
+                  "exp_manager.checkpoint_callback_params.save_top_k=10"])
+    metas = {p.name: json.loads((p / "danube_checkpoint.json").read_text())
+             for p in (tmp_path / "val" / "checkpoints").iterdir()}
+    assert metas["step_00000002"]["val_loss"] is not None
+    assert metas["step_00000004"]["val_loss"] is not None
+    assert metas["step_00000003"]["val_loss"] is None  # saved after step 2's validation

@@ -8,6 +8,8 @@ the parallel and batch sizes); each stage's schema provides them.
 
 from __future__ import annotations
 
+import math
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -102,6 +104,7 @@ class Trainer:
     step: int = 0
     consumed_samples: int = 0
     last_val_loss: Optional[float] = None
+    last_val_step: Optional[int] = None  # the step last_val_loss belongs to
 
 
 def is_rank0() -> bool:
@@ -184,6 +187,7 @@ def restore(trainer: Trainer, initial_weights: Optional[Path]) -> None:
                                     dist_opt)
         trainer.step, trainer.consumed_samples = meta.step, meta.consumed_samples
         trainer.last_val_loss = meta.val_loss
+        trainer.last_val_step = meta.step if meta.val_loss is not None else None
         trainer.log.info(f"resumed from {latest} (step {meta.step})")
         saved = latest / CONFIG_FILE
         changes = config_changes(saved.read_text(), trainer.config_yaml) \
@@ -228,7 +232,8 @@ def save(trainer: Trainer) -> None:
     root = checkpoint_root(cfg.exp_manager)
     meta = CheckpointMeta(
         step=trainer.step, consumed_samples=trainer.consumed_samples,
-        val_loss=trainer.last_val_loss,
+        # its own step's validation loss or none: an older one would misrank it (save_top_k)
+        val_loss=trainer.last_val_loss if trainer.last_val_step == trainer.step else None,
         layout={"tp": m.tensor_model_parallel_size, "pp": m.pipeline_model_parallel_size,
                 "vp": m.virtual_pipeline_model_parallel_size,
                 "dp": parallel_state.get_data_parallel_world_size()},
@@ -242,6 +247,27 @@ def save(trainer: Trainer) -> None:
         ckpt.prune_checkpoints(root, params.save_top_k, params.monitor)
     barrier()
     trainer.log.info(f"saved checkpoint {path}")
+
+
+DIVERGED_EXIT_CODE = 3
+
+
+class Diverged(RuntimeError):
+    """A non-finite loss or gradient norm (trainer.nan_policy=stop)."""
+
+
+def _stop_if_diverged(trainer: Trainer, loss: float, grad_norm) -> None:
+    """Every rank sees the same all-reduced loss and global norm, so all stop together,
+    before this step can be checkpointed (its update already used the bad gradients)."""
+    norm = None if grad_norm is None else float(grad_norm)
+    if math.isfinite(loss) and (norm is None or math.isfinite(norm)):
+        return
+    latest = latest_checkpoint(checkpoint_root(trainer.cfg.exp_manager))
+    raise Diverged(
+        f"step {trainer.step}: loss {loss}, gradient norm {norm}: the run diverged and stops "
+        f"without saving this step (trainer.nan_policy=stop). Last good checkpoint: "
+        f"{latest or 'none'}. Fix: lower model.optim.lr or raise warmup, check the data of this "
+        "step, then run again (it resumes from that checkpoint)")
 
 
 def train_loop(trainer: Trainer) -> None:
@@ -258,6 +284,7 @@ def train_loop(trainer: Trainer) -> None:
                                           recipe.metric_names)
         metrics = {**recipe.metrics(means), **data.counts}
         trainer.step += 1
+        _stop_if_diverged(trainer, metrics["loss"], grad_norm)
         if recipe.after_step is not None:
             recipe.after_step(trainer.step, metrics)
         trainer.consumed_samples += data.samples
@@ -273,6 +300,7 @@ def train_loop(trainer: Trainer) -> None:
             window_time, window_tokens = 0.0, 0
         if trainer.step % t.val_check_interval == 0 or last:
             trainer.last_val_loss = _validate(trainer, "val", t.limit_val_batches)
+            trainer.last_val_step = trainer.step
         if _downstream_due(trainer, last):
             _downstream(trainer)
         if every and trainer.step % every == 0:
@@ -303,6 +331,12 @@ def run(trainer: Trainer, recipe: Recipe, precision: PrecisionChoice,
         f"precision {cfg.trainer.precision} ({precision.reason}), "
         f"TP {m.tensor_model_parallel_size} PP {m.pipeline_model_parallel_size} DP {dp}"
         f"; step {trainer.step} -> {cfg.trainer.max_steps}, {describe}")
-    train_loop(trainer)
+    try:
+        train_loop(trainer)
+    except Diverged as error:
+        if is_rank0():
+            print(f"error: {error}", file=sys.stderr, flush=True)
+        trainer.log.close()
+        sys.exit(DIVERGED_EXIT_CODE)
     _validate(trainer, "test", cfg.trainer.limit_test_batches)
     trainer.log.close()
