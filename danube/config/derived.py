@@ -104,3 +104,17 @@ def padded_vocab_size(tokenizer_vocab: int, model: ModelConfig) -> int:
     rows = model.vocab_size or tokenizer_vocab
     multiple = model.make_vocab_size_divisible_by
     return -(-rows // multiple) * multiple
+
+
+def parse_max_time(value: Optional[str]) -> Optional[float]:
+    """NeMo's `DD:HH:MM:SS` (shorter forms count from the right: `HH:MM:SS`, `MM:SS`) ->
+    seconds; None stays None. ValueError on anything else."""
+    if value is None or str(value).strip() in ("", "null", "None"):
+        return None
+    parts = str(value).strip().split(":")
+    if not 1 <= len(parts) <= 4 or not all(p.isdigit() for p in parts):
+        raise ValueError(f"{value!r} is not DD:HH:MM:SS")
+    seconds = 0
+    for part, unit in zip(reversed(parts), (1, 60, 3600, 86400)):
+        seconds += int(part) * unit
+    return float(seconds)

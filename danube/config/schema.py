@@ -36,6 +36,10 @@ class TrainerConfig:
     """Console, TensorBoard and JSONL logging period, in steps."""
     gradient_clip_val: float = 1.0
     """Clip the global gradient L2 norm to this value; 0 disables clipping."""
+    max_time: Optional[str] = None
+    """Wall-clock budget of this launch, NeMo's DD:HH:MM:SS: the run saves and exits (code 75)
+    before the next step would pass it; running again resumes. SIGTERM/SIGUSR1 do the same at
+    the next step boundary (preemption, a SLURM time limit's warning signal)."""
     nan_policy: str = "stop"
     """What a non-finite loss or gradient norm does: stop (the run ends before anything of
     that step is checkpointed, exit code 3, naming the step and the last good checkpoint).

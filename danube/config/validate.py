@@ -80,6 +80,12 @@ def _check_trainer(cfg: PretrainConfig, problems: List[str]) -> None:
         problems.append(f"exp_manager.name={cfg.exp_manager.name!r} must be a non-empty "
                         "directory name without '/'")
     _check_choice(problems, "trainer.nan_policy", cfg.trainer.nan_policy, ("stop",))
+    from danube.config.derived import parse_max_time
+
+    try:
+        parse_max_time(cfg.trainer.max_time)
+    except ValueError as error:
+        problems.append(f"trainer.max_time: {error} (e.g. 00:03:50:00 for 3 h 50 min)")
 
 
 def _check_architecture(m: ModelConfig, problems: List[str]) -> None:

@@ -19,7 +19,7 @@ import torch
 from megatron.core import parallel_state
 
 from danube.config.compose import config_changes, to_yaml
-from danube.config.derived import normalized_precision
+from danube.config.derived import normalized_precision, parse_max_time
 from danube.model.builder import build_model_chunks, transformer_config, uses_transformer_engine
 from danube.paths import (
     CONFIG_FILE,
@@ -39,6 +39,7 @@ from danube.training.engine import (
     wrap_for_training,
 )
 from danube.training.metrics import MetricsLogger
+from danube.training.signals import STOPPED_EXIT_CODE, StopRequests
 from danube.training.step import TOKEN_LOSS_METRICS, LossFn, evaluate, token_loss, train_step
 
 
@@ -270,7 +271,19 @@ def _stop_if_diverged(trainer: Trainer, loss: float, grad_norm) -> None:
         "step, then run again (it resumes from that checkpoint)")
 
 
+class Stopped(RuntimeError):
+    """A stop signal or trainer.max_time: saved, to be resumed."""
+
+
 def train_loop(trainer: Trainer) -> None:
+    stops = StopRequests(parse_max_time(trainer.cfg.trainer.max_time))
+    try:
+        _train_loop(trainer, stops)
+    finally:
+        stops.restore()
+
+
+def _train_loop(trainer: Trainer, stops: StopRequests) -> None:
     cfg, t, recipe = trainer.cfg, trainer.cfg.trainer, trainer.recipe
     every = cfg.exp_manager.checkpoint_callback_params.every_n_train_steps
     steps = recipe.train_steps(trainer.step, t.max_steps, trainer.consumed_samples)
@@ -305,6 +318,13 @@ def train_loop(trainer: Trainer) -> None:
             _downstream(trainer)
         if every and trainer.step % every == 0:
             save(trainer)
+        reason = stops.agreed(step_time, trainer.device) if not last else None
+        if reason is not None:
+            here = checkpoint_root(cfg.exp_manager) / checkpoint_dir_name(trainer.step)
+            if not is_complete(here):
+                save(trainer)
+            raise Stopped(f"stopped after step {trainer.step} for {reason}; saved {here}. Run "
+                          "the same command again to resume")
     # The last step, unless already saved (also step 0 with max_steps=0: initial weights).
     if cfg.exp_manager.checkpoint_callback_params.save_last and not is_complete(
             checkpoint_root(cfg.exp_manager) / checkpoint_dir_name(trainer.step)):
@@ -338,5 +358,9 @@ def run(trainer: Trainer, recipe: Recipe, precision: PrecisionChoice,
             print(f"error: {error}", file=sys.stderr, flush=True)
         trainer.log.close()
         sys.exit(DIVERGED_EXIT_CODE)
+    except Stopped as stop:
+        trainer.log.info(str(stop))
+        trainer.log.close()
+        sys.exit(STOPPED_EXIT_CODE)
     _validate(trainer, "test", cfg.trainer.limit_test_batches)
     trainer.log.close()

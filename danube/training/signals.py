@@ -1,0 +1,57 @@
+"""Stopping on purpose: SIGTERM/SIGUSR1 (preemption, a SLURM time limit's warning) and
+`trainer.max_time`.
+
+A signal only sets a flag (a handler that saved from inside the signal would race the step
+in flight, and forked data-loader workers inherit a handler that does nothing harmful). At
+every step boundary the ranks agree with one small all-reduce (MAX of "I want to stop"), so
+all of them save the same step and leave together, with exit code 75 (EX_TEMPFAIL: "stopped
+to be resumed"), which the sbatch scripts requeue on.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from typing import Optional
+
+import torch
+
+STOPPED_EXIT_CODE = 75
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopRequests:
+    def __init__(self, max_time_s: Optional[float]):
+        self.max_time_s = max_time_s
+        self.start = time.monotonic()
+        self.received: Optional[str] = None
+        self._previous = {}
+        for sig in SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        self.received = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _local(self, step_time: float) -> int:
+        if self.received:
+            return 2
+        # leave room for one more step and a save (a save costs about a few steps here)
+        if self.max_time_s is not None and \
+                time.monotonic() - self.start + 3 * step_time >= self.max_time_s:
+            return 1
+        return 0
+
+    def agreed(self, step_time: float, device: torch.device) -> Optional[str]:
+        """Collective: why every rank stops now (any rank's signal, or the time limit)."""
+        want = torch.tensor([self._local(step_time)], dtype=torch.int32, device=device)
+        torch.distributed.all_reduce(want, op=torch.distributed.ReduceOp.MAX)
+        code = int(want.item())
+        if code == 2:
+            return f"a stop signal ({self.received or 'on another rank'})"
+        if code == 1:
+            return f"trainer.max_time ({self.max_time_s:.0f} s) would be passed by the next step"
+        return None
