@@ -99,10 +99,10 @@ def _streaming_strategy(cfg: dict, pretrain: PretrainConfig, weights: HFWeights)
 
 def import_hf(hf_dir: Path, out_dir: Path) -> Path:
     """Convert; returns out_dir. Raises ConversionError (nothing written) on bad input."""
-    from danube.conversion.mcore_files import single_process_world
     from danube.model.builder import build_model_chunks, on_meta_device, transformer_config
     from danube.paths import CheckpointMeta
     from danube.training.checkpoint import save_checkpoint
+    from danube.training.distributed import single_process_world
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir).resolve()
     cfg, weights, problems = _problems(hf_dir, out_dir)

@@ -11,7 +11,6 @@ there is a single process.)
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Dict, Tuple
 
@@ -23,19 +22,6 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 
 from danube.conversion.layout import LAYER_KEYS, LAYER_PREFIX
 from danube.model_names import LORA_ADAPTERS
-
-
-@contextlib.contextmanager
-def single_process_world():
-    """megatron-core's parallel state for one CPU process (gloo), for building a GPTModel."""
-    from danube.config.schema import ModelConfig
-    from danube.training.distributed import init_distributed, shutdown
-
-    init_distributed(ModelConfig(), "cpu")
-    try:
-        yield
-    finally:
-        shutdown()
 
 
 class _IntoBuffers:

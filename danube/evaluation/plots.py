@@ -26,10 +26,11 @@ class PlotError(ValueError):
 
 
 def read_records(run: Path) -> List[dict]:
-    path = run / "metrics.jsonl"
-    if not path.is_file():
+    from danube.training.metrics import read_records as records_of
+
+    if not (run / "metrics.jsonl").is_file():
         raise PlotError(f"{run} has no metrics.jsonl: give run directories (results/<name>)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return records_of(run)
 
 
 def _series(records: List[dict], key: str):
@@ -45,9 +46,7 @@ def checkpoint_results(run: Path) -> Dict[str, Dict[str, float]]:
 
     out = {}
     for ckpt in sorted((run / "checkpoints").glob("step_*")):
-        files = sorted((ckpt / "eval").glob("results_*.json")) + sorted(
-            (ckpt / "eval").glob("*.json"))
-        files = [f for f in files if "_samples_" not in f.name]
+        files = list((ckpt / "eval").glob("*.json"))  # per-sample logs are .jsonl
         if files:
             newest = max(files, key=lambda f: f.stat().st_mtime)
             out[f"{run.name}/{ckpt.name}"] = headline(json.loads(newest.read_text()))

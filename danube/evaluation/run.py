@@ -78,6 +78,8 @@ def _hf_lm(path: Path, settings: EvalSettings):
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoTokenizer
 
+    from danube.runtime import use_cuda
+
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     if settings.add_bos and tokenizer("a")["input_ids"][:1] != [tokenizer.bos_token_id]:
         raise EvaluationError(
@@ -88,15 +90,9 @@ def _hf_lm(path: Path, settings: EvalSettings):
     dtype = "float32" if settings.precision in ("auto", "32") else "bfloat16"
     # logits_cache=False: with it, lm-eval 0.4.13 scored a rolling document 3.6 nats off when
     # windows of several documents shared a batch (tests/test_evaluation.py catches it).
-    return HFLM(pretrained=str(path), dtype=dtype, device="cpu" if not _cuda() else "cuda",
+    return HFLM(pretrained=str(path), dtype=dtype, device="cuda" if use_cuda("auto") else "cpu",
                 batch_size=settings.batch_size, add_bos_token=settings.add_bos,
                 prefix_token_id=prefix, logits_cache=False)
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 class _Notices(logging.Filter):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -26,7 +27,7 @@ class ChatSession:
         self.im = im
         self.template = ChatTemplate.for_tokenizer(im.tokenizer)
         stops = [m for m in MARKERS if m in self.template.source] + list(sampling.stop)
-        self.sampling = Sampling(**{**sampling.__dict__, "stop": tuple(dict.fromkeys(stops))})
+        self.sampling = replace(sampling, stop=tuple(dict.fromkeys(stops)))
         self.system = system
         self.messages: List[dict] = []
         self.dropped = 0  # earlier turns left out to fit the context

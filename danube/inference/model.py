@@ -154,7 +154,7 @@ def open_checkpoint(path: Path, precision: str = "auto", accelerator: str = "aut
     is torn down on exit. precision: auto (bf16 where the machine runs it natively), 32, bf16."""
     from danube.config.derived import normalized_precision
     from danube.runtime import quiet_engine_notices, resolve_precision, use_cuda
-    from danube.training.distributed import init_distributed, shutdown
+    from danube.training.distributed import single_process_world
 
     quiet_engine_notices()
     path = resolve_checkpoint(path)
@@ -168,14 +168,11 @@ def open_checkpoint(path: Path, precision: str = "auto", accelerator: str = "aut
         if torch.distributed.get_world_size() != 1:
             raise InferenceError("open_checkpoint runs in one process; run it outside "
                                  "torchrun (or score in the loop: model.downstream_eval)")
+        world = contextlib.nullcontext()
+    else:
+        world = single_process_world("gpu" if cuda else "cpu")
+    with world:
         yield build_inference_model(path, chosen, cuda)
-        return
-    init_distributed(_single_layout(load_model_config(path / CONFIG_FILE)),
-                     "gpu" if cuda else "cpu")
-    try:
-        yield build_inference_model(path, chosen, cuda)
-    finally:
-        shutdown()
 
 
 def from_training(chunks: List[torch.nn.Module], tokenizer: Tokenizer, model: ModelConfig,

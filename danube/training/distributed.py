@@ -5,10 +5,12 @@ NCCL on GPU, gloo on CPU (with `danube.cpu_compat` applied, so megatron-core run
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import socket
 from datetime import timedelta
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -72,3 +74,15 @@ def shutdown() -> None:
     if torch.distributed.is_initialized():
         parallel_state.destroy_model_parallel()
         torch.distributed.destroy_process_group()
+
+
+@contextlib.contextmanager
+def single_process_world(accelerator: str = "cpu") -> Iterator[None]:
+    """megatron-core's parallel state for this one process (TP = PP = 1; gloo on CPU, NCCL
+    on CUDA), torn down on exit: for building a GPTModel outside a launch (conversion,
+    evaluation, generation)."""
+    init_distributed(ModelConfig(), accelerator)
+    try:
+        yield
+    finally:
+        shutdown()

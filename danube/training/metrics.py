@@ -12,7 +12,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 
 class MetricsLogger:
@@ -100,6 +100,14 @@ class MetricsLogger:
             self.tb.close()
 
 
+def read_records(run: Path) -> List[dict]:
+    """A run's metrics.jsonl as a list of records ([] when it has none yet)."""
+    path = Path(run) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def summarize(run_dirs) -> str:
     """A table of finished stages from their metrics.jsonl: steps, first and last training
     loss, last validation loss, first and last validation reward accuracy (DPO), newest
@@ -109,9 +117,7 @@ def summarize(run_dirs) -> str:
     rows = [("stage", "steps", "first loss", "last loss", "last val_loss", "val_acc",
              "checkpoint")]
     for run in map(Path, run_dirs):
-        path = run / "metrics.jsonl"
-        records = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] \
-            if path.is_file() else []
+        records = read_records(run)
         train = {r["step"]: r["loss"] for r in records if "loss" in r}
         val = [r["val_loss"] for r in records if "val_loss" in r]
         acc = [r["val_acc"] for r in records if "val_acc" in r]
