@@ -28,6 +28,7 @@ $(STAMP): pyproject.toml
 
 $(TEST_STAMP): $(STAMP)
 	$(BIN)/python -m pip install -q -e ".[test]"
+	tests/helpers/install_slurm.sh
 	touch $(TEST_STAMP)
 
 demo: setup

@@ -3,6 +3,10 @@ for the full curation pipeline, on a generated corpus; peak memory of the whole 
 
     python bench/data_prep.py [--corpus-mb 300] [--curation-mb 20] [--repeat 3]
 
+    python bench/data_prep.py --only merge [--merge-documents 1000000]
+
+Target (issue 13): the final merge of tokenized shards at least 20x faster per 10^6 documents
+than the add_document loop it replaced, both run here on the same shards.
 Target (issue 3): tokenization with a 32k byte-level BPE on 2 cores >= 1.2M tokens/s end to
 end (launcher start to merged prefix), peak memory < 1 GB. The "encoder alone" row is the HF
 `tokenizers` encoder on the same corpus already in memory (one process per core, nothing
@@ -139,6 +143,66 @@ def spread(values: list, fmt: str = "{:.2f}") -> str:
         f"{text} [{fmt.format(values[0])}-{fmt.format(values[-1])}]"
 
 
+def builder_merge(shards: list, prefix: Path, dtype) -> None:
+    """The merge as it was (before issue 13): every document through megatron-core's
+    IndexedDatasetBuilder.add_document, one Python call each."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=dtype)
+    for shard in shards:
+        lengths = np.load(f"{shard}.lengths.npy")
+        tokens = np.fromfile(f"{shard}.tokens", dtype=dtype)
+        ends = np.cumsum(lengths)
+        for start, end in zip((ends - lengths).tolist(), ends.tolist()):
+            builder.add_document(tokens[start:end], [end - start])
+    builder.finalize(f"{prefix}.idx")
+
+
+def merge_bench(work: Path, documents: int, vocab_size: int, repeat: int) -> None:
+    """Data preparation's final merge of tokenized shards into one prefix, the old loop and
+    today's array writes side by side on the same shards (8 shards, 1-128 tokens a
+    document), in turns; the outputs are compared byte for byte."""
+    import numpy as np
+
+    from danube.prepare.tokenize import build_prefix, token_dtype
+
+    dtype, rng = token_dtype(vocab_size), np.random.default_rng(0)
+    shard_dir = work / f"merge-{documents}"
+    shards = [shard_dir / f"shard{i}" for i in range(8)]
+    if not (shard_dir / "done").is_file():
+        shard_dir.mkdir(parents=True, exist_ok=True)
+        for shard in shards:
+            lengths = rng.integers(1, 129, size=documents // len(shards)).astype(np.int64)
+            rng.integers(0, vocab_size, size=int(lengths.sum())).astype(dtype).tofile(
+                f"{shard}.tokens")
+            np.save(f"{shard}.lengths.npy", lengths)
+        (shard_dir / "done").write_text("")
+    count = sum(len(np.load(f"{s}.lengths.npy")) for s in shards)
+    tokens = sum(os.path.getsize(f"{s}.tokens") for s in shards) // np.dtype(dtype).itemsize
+    old, new = [], []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        builder_merge(shards, shard_dir / "old", dtype)
+        old.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        build_prefix(shards, shard_dir / "new", vocab_size)
+        new.append(time.perf_counter() - started)
+    for suffix in (".bin", ".idx"):
+        if (shard_dir / f"old{suffix}").read_bytes() != (shard_dir / f"new{suffix}").read_bytes():
+            raise SystemExit(f"merged {suffix} files differ")
+    per_million = 1e6 / count
+    print(f"\nmerge: {count:,} documents, {tokens / 1e6:.0f}M tokens in 8 shards; "
+          f"{repeat} turn(s): median [min-max]; outputs identical byte for byte")
+    print("| merge | seconds | seconds per 10^6 documents | speed-up |")
+    print("|---|---|---|---|")
+    print(f"| IndexedDatasetBuilder.add_document loop (before) | {spread(old)} | "
+          f"{spread([t * per_million for t in old])} | 1 |")
+    print(f"| build_prefix: concatenated .bin, .idx from arrays | {spread(new)} | "
+          f"{spread([t * per_million for t in new])} | "
+          f"{spread([a / b for a, b in zip(old, new)], '{:.0f}x')} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", default="/tmp/danube-bench-data")
@@ -146,8 +210,13 @@ def main() -> None:
     parser.add_argument("--curation-mb", type=float, default=20)
     parser.add_argument("--vocab-size", type=int, default=32000)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--merge-documents", type=int, default=1_000_000)
+    parser.add_argument("--only", choices=["all", "merge"], default="all")
     args = parser.parse_args()
     work = Path(args.workdir)
+    merge_bench(work, args.merge_documents, args.vocab_size, args.repeat)
+    if args.only == "merge":
+        return
     raw, small = work / f"raw-{args.corpus_mb:g}mb", work / f"raw-{args.curation_mb:g}mb-small"
     if not (raw / "done").is_file():
         write_corpus(raw, args.corpus_mb * 0.7, args.corpus_mb * 0.3, file_mb=16)

@@ -65,7 +65,7 @@ def run_danube(overrides, steps, warmup, precision: str):
     from danube.training.distributed import init_distributed
     from danube.training.loop import build_trainer
     from danube.training.pretrain import build_tokenizer, pretraining_recipe
-    from danube.training.step import train_step
+    from danube.training.step import report_means, train_step
 
     cfg = _setup([*overrides, f"trainer.precision={precision}"])
     init_distributed(cfg.model, cfg.trainer.accelerator)
@@ -75,9 +75,9 @@ def run_danube(overrides, steps, warmup, precision: str):
     times = []
     for data in batches:
         start = time.perf_counter()
-        metrics, _, _ = train_step(trainer.model, trainer.optimizer, trainer.scheduler,
-                                   data.micro_batches, trainer.device)
-        loss = metrics["lm loss"]
+        totals, _, _ = train_step(trainer.model, trainer.optimizer, trainer.scheduler,
+                                  data.micro_batches, trainer.device)
+        loss = report_means(totals, ["lm loss"])["lm loss"]
         if trainer.device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)

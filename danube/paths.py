@@ -29,6 +29,8 @@ class CheckpointMeta:
     optimizer_sharding: Optional[str] = None
     """distrib_optim_sharding_type of the distributed optimizer state, if any."""
     saved_at: float = 0.0
+    data_plan: Optional[dict] = None
+    """What fixed the training order (danube.training.data_plan); None before it was kept."""
 
 
 def exp_dir(exp_manager) -> Path:

@@ -21,18 +21,25 @@ class LaunchInfo:
     local_rank: int
     world_size: int
     launcher: str
-    """torchrun | slurm | single."""
+    """torchrun | slurm | single | slurm-batch (a plain `python` in the batch script of a
+    multi-task allocation: refused by preflight, it would wait for peers that never come)."""
 
 
 def launch_info() -> LaunchInfo:
-    """Where this process sits, from torchrun's or SLURM's environment (else one process)."""
+    """Where this process sits, from torchrun's or SLURM's environment (else one process).
+    A SLURM task started by srun has SLURM_STEP_ID; the batch script of an allocation has
+    SLURM_PROCID=0 and SLURM_NTASKS too, but no step."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
         return LaunchInfo(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)),
                           int(env["WORLD_SIZE"]), "torchrun")
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        return LaunchInfo(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)),
-                          int(env["SLURM_NTASKS"]), "slurm")
+        tasks = int(env["SLURM_NTASKS"])
+        if "SLURM_STEP_ID" not in env:
+            return LaunchInfo(0, 0, 1, "single") if tasks == 1 else \
+                LaunchInfo(0, 0, tasks, "slurm-batch")
+        return LaunchInfo(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), tasks,
+                          "slurm")
     return LaunchInfo(0, 0, 1, "single")
 
 

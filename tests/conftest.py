@@ -68,6 +68,17 @@ def run_sft(overrides: List[str], nproc: int = 1, check: bool = True,
     return run_pretrain(overrides, nproc, check, timeout, launcher=SFT_LAUNCHER)
 
 
+def write_indexed(prefix: str, documents: List[List[int]]) -> None:
+    """A Megatron indexed dataset <prefix>.bin/.idx holding `documents` (token id lists)."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.uint16)
+    for doc in documents:
+        builder.add_document(doc, [len(doc)])
+    builder.finalize(f"{prefix}.idx")
+
+
 def read_metrics(exp_dir: Path) -> List[dict]:
     path = exp_dir / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

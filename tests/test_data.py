@@ -84,3 +84,31 @@ def test_embedded_corpus_is_cached_and_megatron_readable(corpus_dir):
     prose_data = IndexedDataset(str(corpus_dir / "prose"))  # keep it alive: [0] views its mmap
     prose = tok.detokenize(prose_data[0][:-1])
     assert prose.strip() and "def " not in prose[:40]  # a docstring, not source
+
+
+def _plan(samples, epochs, path="/data/web", documents=100, seed=1234):
+    return {"samples": samples, "weights": [0.5, 0.5], "seed": seed, "sequence_length": 64,
+            "split": [[0.0, 0.98], None, None],
+            "sources": [{"path": "/data/prose", "bytes": 10, "documents": 900, "samples": samples,
+                         "epochs": 1},
+                        {"path": path, "bytes": 20, "documents": documents, "samples": samples,
+                         "epochs": epochs}]}
+
+
+def test_the_data_plan_decides_which_resumes_keep_the_order():
+    """Sample counts may change while every source stays within one epoch (megatron-core
+    shuffles one epoch the same whatever the count); a source read for several epochs, other
+    documents or another seed reorder the data: refused, or accepted with what was rebuilt."""
+    from danube.training.data_plan import DataPlanChanged, check_resume, order_kept
+
+    assert order_kept(_plan(64, 1), _plan(128, 1))
+    assert order_kept(_plan(64, 3), _plan(64, 3, path="/scratch/web"))  # moved, same contents
+    assert not order_kept(_plan(64, 2), _plan(128, 3))
+    assert not order_kept(_plan(64, 2), _plan(128, 2))  # same epochs, other final-epoch cut
+    assert not order_kept(_plan(64, 1), _plan(64, 1, documents=101))
+    assert not order_kept(_plan(64, 1), _plan(64, 1, seed=7))
+    assert check_resume(None, _plan(64, 1), False, "ckpt") is None  # saved before plans
+    with pytest.raises(DataPlanChanged, match=r"sources\[1\]\.epochs: 2 -> 3.*samples: 64 -> 128"):
+        check_resume(_plan(64, 2), _plan(128, 3), False, "ckpt")
+    note = check_resume(_plan(64, 2), _plan(128, 3), True, "ckpt")
+    assert "rebuilt" in note and "sources[1].epochs: 2 -> 3" in note

@@ -10,12 +10,26 @@ from tests.conftest import ROOT
 
 
 def test_launch_info_reads_torchrun_then_slurm(monkeypatch):
+    """A SLURM task (srun: a job step) takes its rank from SLURM; the batch script of the
+    allocation (SLURM_PROCID=0, SLURM_NTASKS, no step: measured on Slurm 22.05) is one
+    process when the allocation has one task, refused by preflight otherwise."""
+    from danube.config.compose import compose_pretrain_config
+    from danube.config.preflight import detect_machine, preflight
+
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS",
-                "SLURM_LOCALID"):
+                "SLURM_LOCALID", "SLURM_STEP_ID"):
         monkeypatch.delenv(key, raising=False)
     assert launch_info().launcher == "single" and launch_info().world_size == 1
-    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert launch_info().launcher == "single"
     monkeypatch.setenv("SLURM_NTASKS", "16")
+    assert launch_info().launcher == "slurm-batch"
+    cfg = compose_pretrain_config("danube_tiny", ["trainer.devices=16"])
+    assert any("started by plain python inside a SLURM allocation of 16 tasks" in p
+               for p in preflight(cfg, detect_machine()))
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    monkeypatch.setenv("SLURM_PROCID", "5")
     monkeypatch.setenv("SLURM_LOCALID", "1")
     info = launch_info()
     assert (info.rank, info.local_rank, info.world_size, info.launcher) == (5, 1, 16, "slurm")
@@ -25,7 +39,8 @@ def test_launch_info_reads_torchrun_then_slurm(monkeypatch):
 
 
 def test_shell_scripts_parse():
-    for script in ("launchers/slurm/pretrain.sbatch", ".ci/run"):
+    for script in ("launchers/slurm/pretrain.sbatch", ".ci/run",
+                   "tests/helpers/install_slurm.sh"):
         subprocess.run(["bash", "-n", str(ROOT / script)], check=True)
 
 

@@ -163,6 +163,41 @@ def test_parallel_output_equals_single_process_byte_for_byte(tmp_path):
     assert results[1] == results[2]
 
 
+@pytest.mark.parametrize("vocab_size", [32000, 70000])  # uint16 and int32 tokens
+def test_merged_prefix_equals_megatron_builder_byte_for_byte(tmp_path, vocab_size):
+    """build_prefix writes the .bin/.idx from the shards' arrays; megatron-core's
+    IndexedDatasetBuilder, fed the same documents one add_document at a time, writes the
+    same bytes (empty shards included). A shard whose tokens and lengths disagree is named."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from danube.prepare.tokenize import build_prefix, token_dtype
+
+    dtype, rng = token_dtype(vocab_size), np.random.default_rng(0)
+    shards, documents = [], []
+    for i, count in enumerate([5, 0, 17]):
+        lengths = rng.integers(1, 40, size=count)
+        tokens = rng.integers(0, vocab_size, size=int(lengths.sum())).astype(dtype)
+        shard = tmp_path / f"shard{i}"
+        tokens.tofile(f"{shard}.tokens")
+        np.save(f"{shard}.lengths.npy", lengths.astype(np.int64))
+        shards.append(shard)
+        documents += np.split(tokens, np.cumsum(lengths)[:-1]) if count else []
+    build_prefix(shards, tmp_path / "merged", vocab_size)
+    builder = IndexedDatasetBuilder(str(tmp_path / "reference.bin"), dtype=dtype)
+    for doc in documents:
+        builder.add_document(doc, [len(doc)])
+    builder.finalize(str(tmp_path / "reference.idx"))
+    for suffix in (".bin", ".idx"):
+        assert (tmp_path / f"merged{suffix}").read_bytes() == \
+            (tmp_path / f"reference{suffix}").read_bytes()
+    with open(f"{shards[2]}.tokens", "r+b") as f:
+        f.truncate(10)
+    with pytest.raises(ValueError, match="shard2.tokens has 10 bytes"):
+        build_prefix(shards, tmp_path / "merged", vocab_size)
+    assert (tmp_path / "merged.idx").read_bytes() == (tmp_path / "reference.idx").read_bytes()
+
+
 def _launch(out: Path, raw: Path, *extra: str) -> subprocess.Popen:
     cmd = [sys.executable, str(PREPARE), f"output_dir={out}",
            f"sources=[{{name: web, paths: [{raw}]}}]", "num_workers=1",

@@ -12,7 +12,7 @@ from danube.config import ConfigError, check_launch
 from danube.config.compose import compose_pretrain_config, to_yaml
 from danube.config.preflight import Machine, preflight
 from danube.config.validate import validate
-from tests.conftest import run_pretrain
+from tests.conftest import run_pretrain, write_indexed
 
 CPU = Machine(world_size=1, cuda=False, transformer_engine=False)
 BAD = [
@@ -178,21 +178,11 @@ def test_a_damaged_checkpoint_is_named_before_loading(tmp_path):
     assert any("danube_checkpoint.json is unreadable" in p for p in preflight(cfg, CPU))
 
 
-def _indexed(prefix, documents):
-    import numpy as np
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.uint16)
-    for doc in documents:
-        builder.add_document(doc, [len(doc)])
-    builder.finalize(f"{prefix}.idx")
-
-
 def test_damaged_indexed_datasets_are_named(tmp_path):
     from danube.indexed_files import indexed_dataset_problem
 
     prefix = str(tmp_path / "web")
-    _indexed(prefix, [[5, 6, 7, 2], [8, 9, 2]])
+    write_indexed(prefix, [[5, 6, 7, 2], [8, 9, 2]])
     assert indexed_dataset_problem(prefix) is None
     with open(prefix + ".bin", "r+b") as f:
         f.truncate(10)  # an interrupted copy
@@ -204,7 +194,7 @@ def test_damaged_indexed_datasets_are_named(tmp_path):
     with open(prefix + ".idx", "r+b") as f:
         f.write(b"GARBAGE!!")
     assert "not a Megatron index file" in indexed_dataset_problem(prefix)
-    _indexed(str(tmp_path / "empty"), [])
+    write_indexed(str(tmp_path / "empty"), [])
     assert "no sequences" in indexed_dataset_problem(str(tmp_path / "empty"))
 
 
@@ -214,8 +204,8 @@ def test_a_prefix_too_small_for_its_splits_is_refused(tmp_path):
     from danube.indexed_files import empty_splits
 
     small, enough = str(tmp_path / "small"), str(tmp_path / "enough")
-    _indexed(small, [[5, 6, 7, 2]] * 20)
-    _indexed(enough, [[5, 6, 7, 2]] * 100)
+    write_indexed(small, [[5, 6, 7, 2]] * 20)
+    write_indexed(enough, [[5, 6, 7, 2]] * 100)
 
     def problems(prefix, splits="980,10,10"):
         cfg = compose_pretrain_config("danube_tiny", [

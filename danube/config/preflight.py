@@ -48,16 +48,24 @@ class Machine:
     """Processes in this launch (torchrun/SLURM environment, else 1)."""
     cuda: bool
     transformer_engine: bool
+    launcher: str = "single"
+    """danube.runtime.LaunchInfo.launcher."""
 
 
 def detect_machine() -> Machine:
-    return Machine(launch_info().world_size, torch.cuda.is_available(),
-                   transformer_engine_available())
+    info = launch_info()
+    return Machine(info.world_size, torch.cuda.is_available(), transformer_engine_available(),
+                   info.launcher)
 
 
 def _check_machine(cfg: PretrainConfig, machine: Machine, problems: List[str]) -> None:
     m, want = cfg.model, world_size(cfg)
-    if machine.world_size != want:
+    if machine.launcher == "slurm-batch":
+        problems.append(f"started by plain python inside a SLURM allocation of "
+                        f"{machine.world_size} tasks (SLURM_NTASKS, no job step): start one "
+                        "process per task with srun, as launchers/slurm/pretrain.sbatch does "
+                        "(alone it would wait 30 minutes for peers that never start)")
+    elif machine.world_size != want:
         problems.append(f"launched with {machine.world_size} process(es) but trainer.devices x "
                         f"trainer.num_nodes = {want}: set trainer.devices={machine.world_size} "
                         f"(one node) or launch {want} processes (torchrun --nproc_per_node)")

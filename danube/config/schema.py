@@ -68,6 +68,10 @@ class ExpManagerConfig:
     """Resume from the newest complete checkpoint in <exp_dir>/<name>/checkpoints."""
     resume_ignore_no_checkpoint: bool = True
     """With resume_if_exists, start from scratch when there is no checkpoint yet."""
+    resume_accept_data_plan_change: bool = False
+    """Resume even when the training data would be read in another order than the run so far
+    (other data, seed, seq_length, splits, or an index horizon that reshuffles a source read
+    for several epochs); without it such a resume is refused, naming what changed."""
     create_tensorboard_logger: bool = True
     """Write TensorBoard events to <exp_dir>/<name>/tensorboard."""
     checkpoint_callback_params: CheckpointCallbackParams = field(

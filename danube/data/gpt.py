@@ -8,6 +8,7 @@ batches an uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple
 
@@ -77,6 +78,29 @@ def build_gpt_datasets(config: GPTDatasetConfig, sizes: List[int]) -> List[Optio
     return [ds if size > 0 else None for ds, size in zip(datasets, sizes)]
 
 
+def data_plan(train) -> dict:
+    """The pretraining order (danube.training.data_plan): the train split's blend of GPTDatasets,
+    each source with its contents' size, its documents in the split, the samples drawn from it
+    and the epochs its index shuffles over (megatron-core tiles and shuffles the documents
+    once per epoch of the sample count)."""
+    from megatron.core.datasets.blended_dataset import BlendedDataset
+
+    parts = list(train.datasets) if isinstance(train, BlendedDataset) else [train]
+    config = parts[0].config
+    return {
+        "samples": len(train),
+        "weights": [float(w) for w in train.weights] if isinstance(train, BlendedDataset)
+        else None,
+        "seed": config.random_seed, "sequence_length": config.sequence_length,
+        "split": [list(s) if s else None for s in config.split_matrix or []],
+        "sources": [{
+            "path": ds.dataset_path, "bytes": os.path.getsize(f"{ds.dataset_path}.bin"),
+            "documents": len(ds.indices), "samples": int(ds.num_samples),
+            "epochs": len(ds.document_index) // max(len(ds.indices), 1),
+        } for ds in parts],
+    }
+
+
 class PretrainingSampler:
     """Megatron's pretraining order: sample i of the run is dataset index i. Each global
     batch is cut into micro-batches of `dp_size x micro_batch_size` consecutive samples, of
@@ -102,10 +126,13 @@ class PretrainingSampler:
 
 
 def build_loader(dataset: GPTDataset, consumed_samples: int, micro_batch_size: int,
-                 dp_rank: int, dp_size: int, num_workers: int) -> torch.utils.data.DataLoader:
+                 dp_rank: int, dp_size: int, num_workers: int,
+                 pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """`pin_memory` (on GPUs): batches in page-locked memory, so their copies to the device
+    run asynchronously."""
     sampler = PretrainingSampler(len(dataset), consumed_samples, micro_batch_size,
                                  dp_rank, dp_size)
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=num_workers,
-        persistent_workers=num_workers > 0,
+        persistent_workers=num_workers > 0, pin_memory=pin_memory,
     )

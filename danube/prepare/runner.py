@@ -3,11 +3,9 @@ each marked done (`.done.json`) when its files are in place so a re-run skips it
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
-import threading
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from multiprocessing import get_context
 from pathlib import Path
@@ -32,16 +30,6 @@ def _worker_init() -> None:
     quiet_logs()
 
 
-def _import_engine() -> None:
-    # torch + megatron-core take ~5 s of CPU to import; the main process needs them only to
-    # build the prefixes at the end, so it imports them while the workers tokenize, at the
-    # lowest priority: it takes the CPU that the workers leave idle (while they start, and
-    # around the last shards). Only this thread is reniced (Linux: nice is per thread).
-    with contextlib.suppress(OSError, AttributeError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    import megatron.core.datasets.indexed_dataset  # noqa: F401
-
-
 def _ready() -> None:
     pass
 
@@ -56,7 +44,6 @@ class Runner:
         if self.pool is not None:  # start the workers now, while we plan
             for _ in range(workers):
                 self.pool.submit(_ready)
-            threading.Thread(target=_import_engine, daemon=True).start()
 
     def stage(self, label: str, fn: Callable[[object], dict], tasks: List[object],
               markers: List[Path], costs: Optional[List[float]] = None) -> List[dict]:

@@ -33,7 +33,9 @@ def init_distributed(model: ModelConfig, accelerator: str) -> LaunchInfo:
     info = launch_info()
     cuda = use_cuda(accelerator)
     if cuda:
-        torch.cuda.set_device(info.local_rank)
+        # modulo: sites binding one GPU per task (--gpus-per-task, --gpu-bind) show each
+        # task only its own device 0; otherwise every task sees all the node's GPUs
+        torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
     else:
         cpu_compat.apply()
     # One process has nobody to meet: a fresh local port, never an inherited MASTER_PORT

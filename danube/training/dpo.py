@@ -40,6 +40,7 @@ from danube.data.embedded_chat import resolve_chat_files
 from danube.data.sft import epoch_order, global_batch_indices
 from danube.data.tokenizer import Tokenizer, load_tokenizer
 from danube.runtime import PrecisionChoice
+from danube.training.data_plan import chat_data_plan
 
 SPLITS = {"val": "validation", "test": "test"}  # the loop's names -> data_prefix's
 # Reported per pair (or per sequence: rewards_all_*, ref_logps_abs_diff) as [sum, count].
@@ -358,7 +359,6 @@ def dpo_recipe(cfg: DPOConfig, datasets: Dict[str, Optional[DPODataset]], batchi
 
     m, d_cfg = cfg.model, cfg.model.dpo
     gbs = m.global_batch_size
-    started = {"step": None}
 
     def annotate(step: DPOStep, split: str) -> StepData:
         if split in caches:
@@ -376,7 +376,6 @@ def dpo_recipe(cfg: DPOConfig, datasets: Dict[str, Optional[DPODataset]], batchi
             yield annotate(dpo_step_batches(dataset, indices, **batching), split)
 
     def train_steps(first: int, last: int, consumed: int) -> Iterator[StepData]:
-        started["step"] = first
         return steps("train", first, last)
 
     def eval_steps(split: str, batches: int) -> Optional[List[StepData]]:
@@ -390,10 +389,8 @@ def dpo_recipe(cfg: DPOConfig, datasets: Dict[str, Optional[DPODataset]], batchi
     tolerance = 0.0 if exact else LAYOUT_TOLERANCE[
         "32" if str(cfg.trainer.precision) in ("32", "32-true") else "bf16"]
 
-    def after_step(step: int, metrics: Dict[str, float]) -> None:
+    def check_first_step(metrics: Dict[str, float]) -> None:
         """At the first step the policy is the reference: their log-probs must agree."""
-        if step != 1 or started["step"] != 0:
-            return
         diff = metrics["ref_logps_abs_diff"]
         if not diff <= tolerance:
             source = f"the cache {cache.path} (made with layout {cache.layout})" if cache \
@@ -406,9 +403,14 @@ def dpo_recipe(cfg: DPOConfig, datasets: Dict[str, Optional[DPODataset]], batchi
                 "zero) and that the cache belongs to model.restore_from_path; or delete the "
                 "cache to recompute it")
 
+    files = resolve_chat_files(m.data.data_prefix["train"],
+                               m.data.embedded_cache_dir and Path(m.data.embedded_cache_dir))
+    plan = chat_data_plan(files, len(datasets["train"].pairs), gbs, m.seed, m.data.shuffle)
     return Recipe("dpo", train_steps, eval_steps, per_token_loss=True,
                   loss_fn=partial(dpo_loss, d_cfg), metric_names=METRICS, metrics=dpo_metrics,
-                  console=("acc", "rewards_margins"), perplexity=False, after_step=after_step)
+                  console=("acc", "rewards_margins"), perplexity=False,
+                  check_first_step=check_first_step,
+                  data_plan=plan)
 
 
 def run_dpo(cfg: DPOConfig, precision: PrecisionChoice) -> None:

@@ -9,6 +9,7 @@ the parallel and batch sizes); each stage's schema provides them.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -29,9 +30,11 @@ from danube.paths import (
     exp_dir,
     is_complete,
     latest_checkpoint,
+    read_meta,
 )
 from danube.runtime import PrecisionChoice, resolve_precision, use_cuda
 from danube.training import checkpoint as ckpt
+from danube.training.data_plan import DataPlanChanged, check_resume
 from danube.training.engine import (
     build_optimizer,
     build_scheduler,
@@ -40,7 +43,14 @@ from danube.training.engine import (
 )
 from danube.training.metrics import MetricsLogger
 from danube.training.signals import STOPPED_EXIT_CODE, StopRequests
-from danube.training.step import TOKEN_LOSS_METRICS, LossFn, evaluate, token_loss, train_step
+from danube.training.step import (
+    TOKEN_LOSS_METRICS,
+    LossFn,
+    evaluate,
+    report_means,
+    token_loss,
+    train_step,
+)
 
 
 @dataclass
@@ -85,8 +95,14 @@ class Recipe:
     """Metrics shown on the console line beside the loss."""
     perplexity: bool = True
     """Log validation perplexity (token cross-entropy losses)."""
-    after_step: Optional[Callable[[int, Dict[str, float]], None]] = None
-    """Called with the step just done and its metrics (DPO: the step-0 reference check)."""
+    check_first_step: Optional[Callable[[Dict[str, float]], None]] = None
+    """Called with the metrics of step 1 of a run that starts at step 0 (DPO: the policy is
+    the reference there); raises to stop the run."""
+    data_plan: Optional[dict] = None
+    """What fixes the training order (danube.training.data_plan), saved in every checkpoint
+    and compared on resume."""
+    plan_hint: str = ""
+    """How to keep the plan, said when a resume would change it."""
 
 
 @dataclass
@@ -184,12 +200,18 @@ def restore(trainer: Trainer, initial_weights: Optional[Path]) -> None:
     dist_opt = uses_distributed_optimizer(cfg.model.optim)
     latest = agreed_latest_checkpoint(checkpoint_root(cfg.exp_manager))
     if cfg.exp_manager.resume_if_exists and latest is not None:
+        recipe = trainer.recipe
+        rebuilt = check_resume(read_meta(latest).data_plan, recipe.data_plan,
+                               cfg.exp_manager.resume_accept_data_plan_change, str(latest),
+                               recipe.plan_hint)
         meta = ckpt.load_checkpoint(latest, trainer.model, trainer.optimizer, trainer.scheduler,
                                     dist_opt)
         trainer.step, trainer.consumed_samples = meta.step, meta.consumed_samples
         trainer.last_val_loss = meta.val_loss
         trainer.last_val_step = meta.step if meta.val_loss is not None else None
         trainer.log.info(f"resumed from {latest} (step {meta.step})")
+        if rebuilt:
+            trainer.log.info(f"warning: {rebuilt}")
         saved = latest / CONFIG_FILE
         changes = config_changes(saved.read_text(), trainer.config_yaml) \
             if saved.is_file() else []
@@ -238,15 +260,16 @@ def save(trainer: Trainer) -> None:
         layout={"tp": m.tensor_model_parallel_size, "pp": m.pipeline_model_parallel_size,
                 "vp": m.virtual_pipeline_model_parallel_size,
                 "dp": parallel_state.get_data_parallel_world_size()},
+        data_plan=trainer.recipe.data_plan if trainer.recipe else None,
     )
     path = ckpt.save_checkpoint(
         root / checkpoint_dir_name(trainer.step), trainer.model, meta, trainer.config_yaml,
         tokenizer=trainer.tokenizer, optimizer=trainer.optimizer, scheduler=trainer.scheduler,
         distributed_optimizer=uses_distributed_optimizer(m.optim))
-    if is_rank0():
+    barrier()
+    if is_rank0():  # after the barrier: the other ranks train on meanwhile
         params = cfg.exp_manager.checkpoint_callback_params
         ckpt.prune_checkpoints(root, params.save_top_k, params.monitor)
-    barrier()
     trainer.log.info(f"saved checkpoint {path}")
 
 
@@ -257,11 +280,12 @@ class Diverged(RuntimeError):
     """A non-finite loss or gradient norm (trainer.nan_policy=stop)."""
 
 
-def _stop_if_diverged(trainer: Trainer, loss: float, grad_norm) -> None:
+def _stop_if_diverged(trainer: Trainer, loss: Optional[float], norm: Optional[float]) -> None:
     """Every rank sees the same all-reduced loss and global norm, so all stop together,
-    before this step can be checkpointed (its update already used the bad gradients)."""
-    norm = None if grad_norm is None else float(grad_norm)
-    if math.isfinite(loss) and (norm is None or math.isfinite(norm)):
+    before this step can be checkpointed (its update already used the bad gradients). A
+    non-finite loss makes non-finite gradients, so the norm alone serves on steps whose loss
+    is not read."""
+    if all(value is None or math.isfinite(value) for value in (loss, norm)):
         return
     latest = latest_checkpoint(checkpoint_root(trainer.cfg.exp_manager))
     raise Diverged(
@@ -292,22 +316,30 @@ def _train_loop(trainer: Trainer, stops: StopRequests) -> None:
     while trainer.step < t.max_steps:
         step_start = time.perf_counter()
         data = next(steps)
-        means, lr, grad_norm = train_step(trainer.model, trainer.optimizer, trainer.scheduler,
-                                          data.micro_batches, trainer.device, recipe.loss_fn,
-                                          recipe.metric_names)
-        metrics = {**recipe.metrics(means), **data.counts}
+        totals, lr, grad_norm = train_step(trainer.model, trainer.optimizer, trainer.scheduler,
+                                           data.micro_batches, trainer.device, recipe.loss_fn,
+                                           recipe.metric_names)
         trainer.step += 1
-        _stop_if_diverged(trainer, metrics["loss"], grad_norm)
-        if recipe.after_step is not None:
-            recipe.after_step(trainer.step, metrics)
+        last = trainer.step == t.max_steps
+        logged = trainer.step % t.log_every_n_steps == 0 or last
+        norm = None if grad_norm is None else float(grad_norm)
+        first_check = recipe.check_first_step is not None and trainer.step == 1
+        # The metrics reach the host only when logged (or checked): the gradient norm, a float
+        # already when gradients are clipped, watches for divergence on the other steps.
+        metrics = None
+        if logged or first_check or norm is None:
+            metrics = {**recipe.metrics(report_means(totals, recipe.metric_names)),
+                       **data.counts}
+        _stop_if_diverged(trainer, None if metrics is None else metrics["loss"], norm)
+        if first_check:
+            recipe.check_first_step(metrics)
         trainer.consumed_samples += data.samples
         step_time = time.perf_counter() - step_start
         window_time, window_tokens = window_time + step_time, window_tokens + data.tokens
-        last = trainer.step == t.max_steps
-        if trainer.step % t.log_every_n_steps == 0 or last:
+        if logged:
             trainer.log.log_train(
-                trainer.step, metrics, lr, None if grad_norm is None else float(grad_norm),
-                window_tokens / window_time, step_time, trainer.consumed_samples,
+                trainer.step, metrics, lr, norm, window_tokens / window_time, step_time,
+                trainer.consumed_samples,
                 trained_tokens=data.tokens if recipe.per_token_loss else None,
                 console=recipe.console)
             window_time, window_tokens = 0.0, 0
@@ -331,18 +363,47 @@ def _train_loop(trainer: Trainer, stops: StopRequests) -> None:
         save(trainer)
 
 
+STOP_MARKER_ENV = "DANUBE_STOP_MARKER"
+
+
+def _exit_stopped(message: str) -> None:
+    """Exit 75 on every rank, within moments of each other: srun --kill-on-bad-exit kills the
+    tasks still running when the first exits non-zero, and a killed task's 128+N would hide
+    the 75 from the script deciding to requeue. So the slow parts come first (multiprocessing
+    children, e.g. dist_checkpointing's writer Manager holding our stdout; what interpreter
+    exit would do and os._exit does not), then a barrier, then os._exit. Rank 0 also writes
+    $DANUBE_STOP_MARKER (the sbatch script sets it) after the save: the script requeues on it
+    even if srun's code was overwritten."""
+    import multiprocessing.util
+
+    multiprocessing.util._exit_function()
+    marker = os.environ.get(STOP_MARKER_ENV)
+    if marker and is_rank0():
+        Path(marker).write_text(message + "\n")
+    barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(STOPPED_EXIT_CODE)
+
+
 def run(trainer: Trainer, recipe: Recipe, precision: PrecisionChoice,
         initial_weights: Optional[Path], describe: str) -> None:
     """Restore, announce, train, test: the part every stage shares (collective)."""
     cfg, m = trainer.cfg, trainer.cfg.model
     trainer.recipe = recipe
     trainer.config_yaml = config_yaml(cfg, precision)
-    if is_rank0():
-        exp_dir(cfg.exp_manager).mkdir(parents=True, exist_ok=True)
-        (exp_dir(cfg.exp_manager) / "config.yaml").write_text(trainer.config_yaml)
     if precision.warning:
         trainer.log.info(f"warning: {precision.warning}")
-    restore(trainer, initial_weights)
+    try:
+        restore(trainer, initial_weights)
+    except DataPlanChanged as error:  # refused before anything was loaded or written
+        if is_rank0():
+            print(f"error: {error}", file=sys.stderr, flush=True)
+        trainer.log.close()
+        sys.exit(2)
+    if is_rank0():  # what runs (a refused resume leaves the run directory as it was)
+        exp_dir(cfg.exp_manager).mkdir(parents=True, exist_ok=True)
+        (exp_dir(cfg.exp_manager) / "config.yaml").write_text(trainer.config_yaml)
     params = sum(p.numel() for chunk in trainer.model for p in chunk.parameters())
     dp = parallel_state.get_data_parallel_world_size()
     trainer.log.info(
@@ -361,6 +422,6 @@ def run(trainer: Trainer, recipe: Recipe, precision: PrecisionChoice,
     except Stopped as stop:
         trainer.log.info(str(stop))
         trainer.log.close()
-        sys.exit(STOPPED_EXIT_CODE)
+        _exit_stopped(str(stop))
     _validate(trainer, "test", cfg.trainer.limit_test_batches)
     trainer.log.close()

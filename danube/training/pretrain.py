@@ -11,8 +11,9 @@ from megatron.core import parallel_state
 from danube.config.derived import num_microbatches, world_size
 from danube.config.schema import PretrainConfig
 from danube.data.embedded import embedded_tokenizer, ensure_embedded_corpus
-from danube.data.gpt import build_gpt_datasets, build_loader, gpt_dataset_config
+from danube.data.gpt import build_gpt_datasets, build_loader, data_plan, gpt_dataset_config
 from danube.paths import exp_dir
+from danube.runtime import use_cuda
 from danube.training.distributed import init_distributed, shutdown
 from danube.training.loop import (
     Recipe,
@@ -43,6 +44,15 @@ def build_tokenizer(cfg: PretrainConfig):
     return embedded_tokenizer(corpus_dir), corpus_dir
 
 
+def horizon_steps(cfg: PretrainConfig) -> int:
+    """The steps the training index is built for: the schedule's horizon
+    (model.optim.sched.max_steps, default trainer.max_steps), or trainer.max_steps if larger.
+    A run stopped early by a lower trainer.max_steps with the schedule's horizon kept reads
+    its data in the same order as the full run (a source read for several epochs is shuffled
+    over all of them, so the index size decides its order)."""
+    return max(cfg.trainer.max_steps, cfg.model.optim.sched.max_steps or 0)
+
+
 def pretraining_recipe(cfg: PretrainConfig, tokenizer, corpus_dir) -> Recipe:
     """GPTDataset splits read in Megatron's order: global batch k is samples k*G..(k+1)*G-1 of
     the split, this rank taking its micro-batch slices (collective: builds the index cache)."""
@@ -51,14 +61,15 @@ def pretraining_recipe(cfg: PretrainConfig, tokenizer, corpus_dir) -> Recipe:
     cache_dir = Path(m.data.index_mapping_dir or exp_dir(cfg.exp_manager) / "index_cache")
     datasets = build_gpt_datasets(
         gpt_dataset_config(m.data, tokenizer, m.seed, cache_dir, corpus_dir),
-        [t.max_steps * gbs, t.limit_val_batches * gbs, t.limit_test_batches * gbs])
+        [horizon_steps(cfg) * gbs, t.limit_val_batches * gbs, t.limit_test_batches * gbs])
     micro = num_microbatches(m, world_size(cfg))
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
+    pin = use_cuda(t.accelerator)
 
     def steps(split: int, consumed: int, count: int) -> Iterator[StepData]:
         loader = iter(build_loader(datasets[split], consumed, m.micro_batch_size, dp_rank,
-                                   dp_size, m.data.num_workers))
+                                   dp_size, m.data.num_workers, pin))
         for _ in range(count):
             yield StepData([next(loader) for _ in range(micro)], gbs, gbs * m.encoder_seq_length)
 
@@ -69,7 +80,12 @@ def pretraining_recipe(cfg: PretrainConfig, tokenizer, corpus_dir) -> Recipe:
         index = {"val": 1, "test": 2}[split]
         return None if datasets[index] is None else list(steps(index, 0, batches))
 
-    return Recipe("pretraining", train_steps, eval_steps)
+    plan = data_plan(datasets[0])
+    hint = (f"Its index is built for max(trainer.max_steps, model.optim.sched.max_steps) x "
+            f"model.global_batch_size samples (now {horizon_steps(cfg)} x {gbs}): to stop a run "
+            "early, keep that horizon with model.optim.sched.max_steps (the saved plan's "
+            "samples / global_batch_size) or use trainer.max_time. ")
+    return Recipe("pretraining", train_steps, eval_steps, data_plan=plan, plan_hint=hint)
 
 
 def run_pretraining(cfg: PretrainConfig) -> None:

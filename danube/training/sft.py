@@ -21,6 +21,7 @@ from danube.data.sft import (
 )
 from danube.data.tokenizer import Tokenizer, load_tokenizer
 from danube.runtime import PrecisionChoice
+from danube.training.data_plan import chat_data_plan
 
 
 def _datasets(cfg: SFTConfig, tokenizer: Tokenizer) -> Tuple[SFTDataset, Optional[SFTDataset]]:
@@ -92,7 +93,11 @@ def sft_recipe(cfg: SFTConfig, tokenizer: Tokenizer, train: SFTDataset,
             return None
         return list(steps(val, data.validation_ds, 0, min(batches, available)))
 
-    return Recipe("sft", train_steps, eval_steps, per_token_loss=True)
+    cache = data.embedded_cache_dir and Path(data.embedded_cache_dir)
+    files = resolve_chat_files(data.train_ds.file_path, cache)
+    plan = chat_data_plan(files, len(train.samples), data.train_ds.global_batch_size, seed,
+                          data.train_ds.shuffle)
+    return Recipe("sft", train_steps, eval_steps, per_token_loss=True, data_plan=plan)
 
 
 def run_sft(cfg: SFTConfig, precision: PrecisionChoice) -> None:

@@ -51,11 +51,12 @@ def forward_step(device: torch.device, loss_fn: LossFn, data_iterator: Iterator,
     return output, partial(loss_fn, raw, batch)
 
 
-def reduce_reports(reports: List[dict], names: Sequence[str],
-                   device: torch.device) -> Dict[str, float]:
-    """Each metric's sum / count over micro-batches and data- and context-parallel ranks, on
-    every rank. Only the last pipeline stage (TP rank 0) contributes, so one all-reduce over
-    the world both reduces over DP x CP and broadcasts to the other stages."""
+def all_reduced_reports(reports: List[dict], names: Sequence[str],
+                        device: torch.device) -> torch.Tensor:
+    """Each metric's [sum, count] over micro-batches and data- and context-parallel ranks,
+    [len(names), 2] on the device of every rank: no host sync (`report_means` reads it).
+    Only the last pipeline stage (TP rank 0) contributes, so one all-reduce over the world
+    both reduces over DP x CP and broadcasts to the other stages."""
     total = torch.zeros(len(names), 2, dtype=torch.float64, device=device)
     if (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
             and parallel_state.get_tensor_model_parallel_rank() == 0):
@@ -64,9 +65,20 @@ def reduce_reports(reports: List[dict], names: Sequence[str],
                 if name in item:
                     total[k] += item[name].to(device, torch.float64)
     torch.distributed.all_reduce(total)
-    means = (total[:, 0] / total[:, 1].clamp(min=1)).tolist()
-    return {name: (value if total[k, 1] > 0 else float("nan"))
-            for k, (name, value) in enumerate(zip(names, means))}
+    return total
+
+
+def report_means(total: torch.Tensor, names: Sequence[str]) -> Dict[str, float]:
+    """name -> sum / count (NaN without a count): reads the device tensor on the host."""
+    sums, counts = total.cpu().unbind(1)
+    return {name: (float(sums[k] / counts[k]) if counts[k] > 0 else float("nan"))
+            for k, name in enumerate(names)}
+
+
+def reduce_reports(reports: List[dict], names: Sequence[str],
+                   device: torch.device) -> Dict[str, float]:
+    """Each metric's mean over the global batch, on every rank (host values)."""
+    return report_means(all_reduced_reports(reports, names, device), names)
 
 
 def run_schedule(model: List, micro_batches: List[dict], device: torch.device,
@@ -93,7 +105,8 @@ def train_step(model: List, optimizer, scheduler, micro_batches: List[dict],
                device: torch.device, loss_fn: LossFn = token_loss,
                names: Sequence[str] = TOKEN_LOSS_METRICS):
     """Forward/backward over this rank's micro-batches, then one optimizer step at the
-    scheduler's next learning rate. Returns (metrics: name -> mean, lr, grad_norm)."""
+    scheduler's next learning rate. Returns (the metrics' all-reduced [sum, count] on the
+    device: `report_means` reads them, lr, grad_norm: a float when gradients are clipped)."""
     scheduler.step(increment=1)
     lr = optimizer.param_groups[0]["lr"]
     for chunk in model:
@@ -101,7 +114,7 @@ def train_step(model: List, optimizer, scheduler, micro_batches: List[dict],
     optimizer.zero_grad()
     reports = run_schedule(model, micro_batches, device, forward_only=False, loss_fn=loss_fn)
     _, grad_norm, _ = optimizer.step()  # bf16/fp32: no loss scaling, never skipped
-    return reduce_reports(reports, names, device), lr, grad_norm
+    return all_reduced_reports(reports, names, device), lr, grad_norm
 
 
 @torch.no_grad()
