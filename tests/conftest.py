@@ -79,6 +79,18 @@ def write_indexed(prefix: str, documents: List[List[int]]) -> None:
     builder.finalize(f"{prefix}.idx")
 
 
+def blend_with_a_small_source(tmp_path: Path) -> str:
+    """A data_prefix override: embedded:prose blended half and half with 100 five-token
+    documents, ~7 samples of 64 tokens per epoch, so that source runs several epochs and its
+    order depends on the index size (megatron-core shuffles a source over all its epochs)."""
+    import random
+
+    rng = random.Random(0)
+    prefix = tmp_path / "small_source"
+    write_indexed(str(prefix), [[rng.randrange(100, 4000) for _ in range(5)] for _ in range(100)])
+    return f"model.data.data_prefix=[0.5,embedded:prose,0.5,{prefix}]"
+
+
 def read_metrics(exp_dir: Path) -> List[dict]:
     path = exp_dir / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -33,7 +33,13 @@ def test_danube_1_8b_carries_the_published_recipe():
     assert m.fp8 and m.fp8_hybrid and not m.fp8_e4m3
     assert (m.optim.lr, m.optim.sched.min_lr, m.optim.weight_decay) == (2e-4, 1e-5, 0.1)
     assert m.optim.betas == [0.9, 0.95]
-    assert abs(m.global_batch_size * m.encoder_seq_length - 1.18e6) < 0.01e6
+    # the report's ramp: 700B tokens at 2048, 100B each at 4096, 8192, 16384, 1.18M per step
+    stages = [(s.tokens, s.encoder_seq_length, s.global_batch_size) for s in m.seq_length_stages]
+    assert stages == [(700e9, 2048, 576), (100e9, 4096, 288), (100e9, 8192, 144),
+                      (100e9, 16384, 72)]
+    assert m.encoder_seq_length == 16384
+    assert all(abs(g * n - 1.18e6) < 0.01e6 for _, n, g in stages)
+    assert compose_pretrain_config("danube_1.8b").trainer.max_steps == 593398 + 3 * 84772
 
 
 def test_danube2_drops_the_window_and_keeps_the_body():

@@ -112,3 +112,29 @@ def test_the_data_plan_decides_which_resumes_keep_the_order():
         check_resume(_plan(64, 2), _plan(128, 3), False, "ckpt")
     note = check_resume(_plan(64, 2), _plan(128, 3), True, "ckpt")
     assert "rebuilt" in note and "sources[1].epochs: 2 -> 3" in note
+
+
+def test_a_run_stopped_early_reads_the_data_of_the_whole_run(tmp_path, megatron_world):
+    """trainer.max_steps=2 with the schedule's horizon kept (model.optim.sched.max_steps=8)
+    builds the index of the 8-step run: the same first batches over a blend with a source
+    read for several epochs. Without the horizon the index is sized for 2 steps and that
+    source is shuffled over fewer epochs: other batches (what a resume would then continue
+    from)."""
+    from danube.config.compose import compose_pretrain_config
+    from danube.training.pretrain import build_tokenizer, pretraining_recipe
+    from tests.conftest import SMALL_MODEL, blend_with_a_small_source
+
+    blend = blend_with_a_small_source(tmp_path)
+
+    def first_batches(name, *overrides):
+        cfg = compose_pretrain_config("danube_tiny", [
+            *SMALL_MODEL, blend, f"exp_manager.exp_dir={tmp_path}", f"exp_manager.name={name}",
+            "trainer.limit_val_batches=0", "trainer.limit_test_batches=0", *overrides])
+        tokenizer, corpus = build_tokenizer(cfg)
+        steps = pretraining_recipe(cfg, tokenizer, corpus).train_steps(0, 2, 0)
+        return [b["tokens"].tolist() for step in steps for b in step.micro_batches]
+
+    whole = first_batches("whole", "trainer.max_steps=8")
+    assert first_batches("stopped", "trainer.max_steps=2", "model.optim.sched.max_steps=8") \
+        == whole
+    assert first_batches("short", "trainer.max_steps=2") != whole

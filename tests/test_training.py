@@ -8,9 +8,14 @@ import json
 
 import pytest
 
-from tests.conftest import QUIET, SMALL_MODEL, read_metrics, run_pretrain, train_losses
-
-SHORT_SCHEDULE = ["model.optim.sched.warmup_steps=2", "model.optim.sched.max_steps=8"]
+from tests.conftest import (
+    QUIET,
+    SMALL_MODEL,
+    blend_with_a_small_source,
+    read_metrics,
+    run_pretrain,
+    train_losses,
+)
 
 
 def test_danube_tiny_learns_and_logs(tmp_path):
@@ -67,59 +72,61 @@ def _downstream_equals_evaluating_the_checkpoint(records, exp):
         k: v for k, v in scored[1].items() if k.startswith("downstream/")}
 
 
-def _blend_with_a_small_source(tmp_path) -> str:
-    """embedded:prose blended half and half with 100 five-token documents: ~7 samples of 64
-    tokens per epoch, so that source runs several epochs and its order depends on the index
-    size (megatron-core shuffles a source over all its epochs)."""
-    import random
-
-    from tests.conftest import write_indexed
-
-    rng = random.Random(0)
-    prefix = tmp_path / "small_source"
-    write_indexed(str(prefix), [[rng.randrange(100, 4000) for _ in range(5)] for _ in range(100)])
-    return f"model.data.data_prefix=[0.5,embedded:prose,0.5,{prefix}]"
+RAMP = ["model.encoder_seq_length=128", "model.max_position_embeddings=128",
+        "model.seq_length_stages=[{tokens:1024,encoder_seq_length:32,global_batch_size:16},"
+        "{tokens:1024,encoder_seq_length:64,global_batch_size:8},"
+        "{tokens:1024,encoder_seq_length:128,global_batch_size:4}]"]
 
 
 def test_resume_equals_uninterrupted(tmp_path):
-    """Stop at step 2, resume to 4: the same losses step for step, bit for bit, in bf16 (which
-    also covers megatron's Float16Module-before-DDP requirement for checkpoints; fp32 resume
-    through the same loop: tests/test_sft.py and test_dpo.py), over a blend with a source read
-    for several epochs: the stopped run's data index is built for the schedule's horizon
-    (model.optim.sched.max_steps), not its own trainer.max_steps. Running the finished run
-    again changes nothing; resuming it with a plan that reorders the data is refused and
-    leaves the run as it was."""
+    """A sequence-length ramp (32 -> 64 -> 128 tokens, 512 tokens per step, two steps each)
+    over a blend with a source read for several epochs, run straight and stopped exactly at a
+    stage boundary (step 2), inside a stage (step 3), then resumed to the end: the same
+    losses step for step, bit for bit, in bf16 (which also covers megatron's
+    Float16Module-before-DDP requirement for checkpoints; fp32 resume through the same loop:
+    tests/test_sft.py and test_dpo.py), each step at its stage's shape. Running the finished
+    run again changes nothing; resuming it with other stages (which reorders the data) is
+    refused and leaves the run as it was."""
     precision = "bf16-mixed"
-    common = [*SMALL_MODEL, *QUIET, *SHORT_SCHEDULE, f"trainer.precision={precision}",
+    common = [*SMALL_MODEL, *QUIET, *RAMP, "model.optim.sched.warmup_steps=2",
+              f"trainer.precision={precision}",
               "exp_manager.checkpoint_callback_params.every_n_train_steps=2",
-              _blend_with_a_small_source(tmp_path), f"exp_manager.exp_dir={tmp_path}"]
-    run_pretrain([*common, "trainer.max_steps=4", "exp_manager.name=straight"])
+              blend_with_a_small_source(tmp_path), f"exp_manager.exp_dir={tmp_path}"]
+    run_pretrain([*common, "trainer.max_steps=-1", "exp_manager.name=straight"])
     run_pretrain([*common, "trainer.max_steps=2", "exp_manager.name=resumed"])
-    second = run_pretrain([*common, "trainer.max_steps=4", "exp_manager.name=resumed"])
-    assert "resumed from" in second.stdout and "(step 2)" in second.stdout
-    assert "settings changed since that checkpoint" in second.stdout
-    assert "trainer.max_steps: 2 -> 4" in second.stdout
+    run_pretrain([*common, "trainer.max_steps=3", "exp_manager.name=resumed"])
+    last = run_pretrain([*common, "trainer.max_steps=-1", "exp_manager.name=resumed"])
+    assert "resumed from" in last.stdout and "(step 3)" in last.stdout
+    assert "settings changed since that checkpoint" in last.stdout
+    assert "trainer.max_steps: 3 -> 6" in last.stdout
     straight, resumed = train_losses(tmp_path / "straight"), train_losses(tmp_path / "resumed")
-    assert list(straight) == [1, 2, 3, 4]
+    assert list(straight) == [1, 2, 3, 4, 5, 6]
     assert resumed == straight
-    ckpt = tmp_path / "straight" / "checkpoints" / "step_00000004"
+    records = [r for r in read_metrics(tmp_path / "straight") if "loss" in r]
+    assert [r["seq_length"] for r in records] == [32, 32, 64, 64, 128, 128]
+    assert [r["consumed_samples"] for r in records] == [16, 32, 40, 48, 52, 56]
+    ckpt = tmp_path / "straight" / "checkpoints" / "step_00000006"
     plan = json.loads((ckpt / "danube_checkpoint.json").read_text())["data_plan"]
-    assert plan["samples"] == 8 * 8 and [s["epochs"] > 1 for s in plan["sources"]] == [
-        False, True]
+    assert [(s["encoder_seq_length"], s["steps"]) for s in plan["stages"]] == [
+        (32, 2), (64, 2), (128, 2)]
+    assert [src["epochs"] > 1 for src in plan["stages"][0]["sources"]] == [False, True]
     stamp = (ckpt / "danube_checkpoint.json").read_text()
-    again = run_pretrain([*common, "trainer.max_steps=4", "exp_manager.name=straight"])
-    assert "resumed from" in again.stdout and "(step 4)" in again.stdout
+    again = run_pretrain([*common, "trainer.max_steps=-1", "exp_manager.name=straight"])
+    assert "resumed from" in again.stdout and "(step 6)" in again.stdout
     assert (ckpt / "danube_checkpoint.json").read_text() == stamp
     assert train_losses(tmp_path / "straight") == straight
     saved_config = (tmp_path / "straight" / "config.yaml").read_text()
-    longer = run_pretrain([*common, "trainer.max_steps=5", "model.optim.sched.max_steps=16",
-                           "exp_manager.name=straight"], check=False)
-    assert longer.returncode == 2, longer.stderr[-3000:]
-    assert "would read the training data in a different order" in longer.stderr
-    assert "samples: 64 -> 128" in longer.stderr and "resume_accept_data_plan_change" in \
-        longer.stderr
-    assert sorted(p.name for p in (tmp_path / "straight" / "checkpoints").iterdir()) == [
-        "step_00000002", "step_00000004"]
+    checkpoints = sorted(p.name for p in (tmp_path / "straight" / "checkpoints").iterdir())
+    other = [o.replace("{tokens:1024,encoder_seq_length:64", "{tokens:2048,encoder_seq_length:64")
+             for o in common]
+    refused = run_pretrain([*other, "trainer.max_steps=-1", "exp_manager.name=straight"],
+                           check=False)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "would read the training data in a different order" in refused.stderr
+    assert "stages[1].steps: 2 -> 4" in refused.stderr
+    assert "resume_accept_data_plan_change" in refused.stderr
+    assert sorted(p.name for p in (tmp_path / "straight" / "checkpoints").iterdir()) == \
+        checkpoints
     assert (tmp_path / "straight" / "config.yaml").read_text() == saved_config
     assert train_losses(tmp_path / "straight") == straight
 

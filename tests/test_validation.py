@@ -303,3 +303,26 @@ def test_accelerator_cpu_hides_cuda_from_the_process(monkeypatch):
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "0"
     runtime.hide_cuda_for("cpu")
     assert os.environ["CUDA_VISIBLE_DEVICES"] == ""
+
+
+def test_seq_length_stages_are_checked():
+    """A ramp keeps tokens per step, ends at the model's length, divides into micro-batches,
+    and trainer.max_steps stays within it (-1: all of it)."""
+    def problems(stages, *extra):
+        cfg = compose_pretrain_config("danube_tiny", [
+            f"model.seq_length_stages={stages}", "model.encoder_seq_length=256",
+            "model.global_batch_size=16", "model.micro_batch_size=4",
+            "model.optim.sched.warmup_steps=1", *extra])
+        return cfg, validate(cfg)
+
+    good = "[{tokens:8192,encoder_seq_length:128,global_batch_size:32},"\
+           "{tokens:8192,encoder_seq_length:256,global_batch_size:16}]"
+    cfg, found = problems(good, "trainer.max_steps=-1")
+    assert found == [] and cfg.trainer.max_steps == 4
+    _, found = problems("[{tokens:8192,encoder_seq_length:128,global_batch_size:16},"
+                        "{tokens:8192,encoder_seq_length:128,global_batch_size:6}]",
+                        "trainer.max_steps=16")
+    assert any("must be the longest stage's (128)" in p for p in found)
+    assert any("change the tokens per step" in p for p in found)
+    assert any("[1].global_batch_size=6 must be divisible" in p for p in found)
+    assert any("trainer.max_steps=16 exceeds the stages' 15 steps" in p for p in found)

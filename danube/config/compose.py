@@ -71,8 +71,11 @@ def hydra_runner(config_name: str, config_path: Optional[str] = None) -> Callabl
 
 
 def to_pretrain_config(cfg: DictConfig) -> PretrainConfig:
-    """Resolve interpolations and return the typed dataclass."""
-    return _typed(cfg, PretrainConfig, SCHEMA_NAME)
+    """Resolve interpolations and return the typed dataclass (trainer.max_steps=-1 with
+    seq_length_stages: the stages' steps)."""
+    from danube.config.derived import with_stage_steps
+
+    return with_stage_steps(_typed(cfg, PretrainConfig, SCHEMA_NAME))
 
 
 def _typed(cfg: DictConfig, schema: type, schema_name: str):

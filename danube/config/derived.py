@@ -35,6 +35,34 @@ ARCHITECTURE_FIELDS = ARCHITECTURE_KEYS + (
 )
 
 
+def stage_steps(model: ModelConfig) -> List[int]:
+    """Steps of each seq_length_stages entry: its tokens over its tokens per step, rounded up
+    (0 for a malformed stage, which validation reports)."""
+    steps = []
+    for stage in model.seq_length_stages:
+        per_step = stage.global_batch_size * stage.encoder_seq_length
+        steps.append(-(-stage.tokens // per_step) if per_step > 0 and stage.tokens > 0 else 0)
+    return steps
+
+
+def with_stage_steps(cfg):
+    """trainer.max_steps=-1 with seq_length_stages: every stage's steps (what config.yaml then
+    records); otherwise cfg unchanged."""
+    from dataclasses import replace
+
+    stages = getattr(cfg.model, "seq_length_stages", None)
+    if not stages or cfg.trainer.max_steps != -1:
+        return cfg
+    return replace(cfg, trainer=replace(cfg.trainer, max_steps=sum(stage_steps(cfg.model))))
+
+
+def schedule_default_horizon(cfg) -> int:
+    """Steps the LR schedule decays over unless model.optim.sched.max_steps says: the whole
+    ramp with seq_length_stages, else trainer.max_steps."""
+    stages = getattr(cfg.model, "seq_length_stages", None)
+    return sum(stage_steps(cfg.model)) if stages else cfg.trainer.max_steps
+
+
 def normalized_precision(precision: str) -> str:
     """'32' or 'bf16' (bf16 and bf16-mixed mean the same: bf16 compute, fp32 main weights).
     `auto` depends on the machine: resolve it first (`runtime.resolve_precision`)."""

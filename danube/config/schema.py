@@ -168,6 +168,21 @@ class DownstreamEvalConfig:
 
 
 @dataclass
+class SeqLengthStage:
+    """One stage of a sequence-length ramp (H2O-Danube: 700B tokens at 2048, then 100B each
+    at 4096, 8192 and 16384)."""
+
+    tokens: int = 0
+    """Tokens trained in this stage (rounded up to whole steps)."""
+    encoder_seq_length: int = 2048
+    """Training sequence length of this stage."""
+    global_batch_size: int = 576
+    """Sequences per step in this stage (tokens per step must be the same in every stage)."""
+    micro_batch_size: Optional[int] = None
+    """Sequences per forward/backward pass in this stage; default model.micro_batch_size."""
+
+
+@dataclass
 class ModelConfig:
     micro_batch_size: int = 4
     """Sequences per forward/backward pass on one data-parallel rank."""
@@ -190,7 +205,12 @@ class ModelConfig:
     """Seed of weight init, dropout and data order."""
 
     encoder_seq_length: int = 256
-    """Training sequence length in tokens."""
+    """Training sequence length in tokens (with seq_length_stages: the longest stage's)."""
+    seq_length_stages: List[SeqLengthStage] = field(default_factory=list)
+    """Pretraining's sequence-length ramp, in order; empty: one stage of encoder_seq_length x
+    global_batch_size for trainer.max_steps. With stages, trainer.max_steps=-1 runs them all
+    (a lower value stops early, the data order and schedule staying those of the whole ramp);
+    each stage builds its own data index; optimizer, schedule and step count carry across."""
     max_position_embeddings: int = 256
     """Longest context the model supports (RoPE tables, exported config)."""
     num_layers: int = 4

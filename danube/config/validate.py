@@ -17,6 +17,8 @@ from danube.config.derived import (
     data_parallel_size,
     normalized_precision,
     parse_blend,
+    schedule_default_horizon,
+    stage_steps,
     world_size,
 )
 from danube.config.schema import DPOConfig, ModelConfig, PretrainConfig, SFTConfig
@@ -221,7 +223,7 @@ def _check_optim(cfg: PretrainConfig, problems: List[str]) -> None:
         problems.append(f"model.optim.betas={o.betas} must be two numbers in [0, 1)")
     if not 0 <= o.sched.min_lr <= o.lr:
         problems.append(f"model.optim.sched.min_lr={o.sched.min_lr} must be in [0, lr={o.lr}]")
-    horizon = o.sched.max_steps or cfg.trainer.max_steps
+    horizon = o.sched.max_steps or schedule_default_horizon(cfg)
     if o.sched.warmup_steps < 0 or o.sched.constant_steps < 0:
         problems.append("model.optim.sched.warmup_steps and constant_steps must be >= 0")
     elif horizon >= 0 and o.sched.warmup_steps + o.sched.constant_steps > horizon:
@@ -424,6 +426,46 @@ def _check_downstream(cfg, problems: List[str]) -> None:
         problems.append(f"{key}.every_n_steps={d.every_n_steps} must be >= 1 (or null)")
 
 
+def _check_stages(cfg, problems: List[str]) -> None:
+    """model.seq_length_stages: pretraining only; whole stages that fit the model, the batch
+    layout, and one number of tokens per step (the schedule counts steps)."""
+    m = cfg.model
+    stages = getattr(m, "seq_length_stages", None) or []
+    if not stages:
+        return
+    if not isinstance(cfg, PretrainConfig):
+        problems.append("model.seq_length_stages is a pretraining ramp; leave it empty here "
+                        "(fine-tuning runs at model.encoder_seq_length)")
+        return
+    dp = data_parallel_size(m, world_size(cfg))
+    for i, stage in enumerate(stages):
+        key = f"model.seq_length_stages[{i}]"
+        if min(stage.tokens, stage.encoder_seq_length, stage.global_batch_size) <= 0:
+            problems.append(f"{key}: tokens, encoder_seq_length and global_batch_size must be "
+                            f"> 0 (got {stage.tokens}, {stage.encoder_seq_length}, "
+                            f"{stage.global_batch_size})")
+            return
+        micro = stage.micro_batch_size or m.micro_batch_size
+        if micro >= 1 and stage.global_batch_size % (micro * dp):
+            problems.append(f"{key}.global_batch_size={stage.global_batch_size} must be "
+                            f"divisible by its micro_batch_size x data-parallel size "
+                            f"({micro} x {dp}); set {key}.micro_batch_size")
+    longest = max(s.encoder_seq_length for s in stages)
+    if longest != m.encoder_seq_length:
+        problems.append(f"model.encoder_seq_length={m.encoder_seq_length} must be the longest "
+                        f"stage's ({longest}): the model is built and exported for it")
+    per_step = {s.encoder_seq_length * s.global_batch_size for s in stages}
+    if len(per_step) > 1:
+        problems.append(f"model.seq_length_stages change the tokens per step "
+                        f"({sorted(per_step)}): keep encoder_seq_length x global_batch_size the "
+                        "same in every stage (H2O-Danube: 2048 x 576 = 4096 x 288 = ...), so "
+                        "the step-counted LR schedule is also token-counted")
+    total = sum(stage_steps(m))
+    if cfg.trainer.max_steps > total:
+        problems.append(f"trainer.max_steps={cfg.trainer.max_steps} exceeds the stages' "
+                        f"{total} steps: use -1 (all stages) or fewer to stop early")
+
+
 def validate(cfg) -> List[str]:
     """Every problem of the config (pretraining or SFT), as 'key=value: what is wrong; the fix'
     lines."""
@@ -434,6 +476,7 @@ def validate(cfg) -> List[str]:
     _check_fp8(cfg, problems)
     _check_optim(cfg, problems)
     _check_downstream(cfg, problems)
+    _check_stages(cfg, problems)
     STAGE_CHECKS[type(cfg)](cfg, problems)
     return problems
 

@@ -20,7 +20,11 @@ import torch
 from megatron.core import parallel_state
 
 from danube.config.compose import config_changes, to_yaml
-from danube.config.derived import normalized_precision, parse_max_time
+from danube.config.derived import (
+    normalized_precision,
+    parse_max_time,
+    schedule_default_horizon,
+)
 from danube.model.builder import build_model_chunks, transformer_config, uses_transformer_engine
 from danube.paths import (
     CONFIG_FILE,
@@ -155,7 +159,7 @@ def build_trainer(cfg, tokenizer, vocab_size: int, per_token_loss: bool = False)
     chunks = build_model_chunks(m, config, vocab_size, use_te, getattr(m, "peft", None))
     model = wrap_for_training(chunks, config, m.optim)
     optimizer = build_optimizer(m.optim, cfg.trainer.gradient_clip_val, config, model)
-    scheduler = build_scheduler(m.optim, cfg.trainer.max_steps, optimizer)
+    scheduler = build_scheduler(m.optim, schedule_default_horizon(cfg), optimizer)
     log = MetricsLogger(exp_dir(cfg.exp_manager), cfg.exp_manager.create_tensorboard_logger,
                         cfg.trainer.max_steps, enabled=is_rank0())
     return Trainer(cfg, model, optimizer, scheduler, device, log, tokenizer)

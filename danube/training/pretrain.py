@@ -3,12 +3,13 @@ order) for the one loop in `danube.training.loop`."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, List, Optional
 
 from megatron.core import parallel_state
 
-from danube.config.derived import num_microbatches, world_size
+from danube.config.derived import num_microbatches, stage_steps, world_size
 from danube.config.schema import PretrainConfig
 from danube.data.embedded import embedded_tokenizer, ensure_embedded_corpus
 from danube.data.gpt import build_gpt_datasets, build_loader, data_plan, gpt_dataset_config
@@ -45,7 +46,7 @@ def build_tokenizer(cfg: PretrainConfig):
 
 
 def horizon_steps(cfg: PretrainConfig) -> int:
-    """The steps the training index is built for: the schedule's horizon
+    """The steps the training index is built for (one stage): the schedule's horizon
     (model.optim.sched.max_steps, default trainer.max_steps), or trainer.max_steps if larger.
     A run stopped early by a lower trainer.max_steps with the schedule's horizon kept reads
     its data in the same order as the full run (a source read for several epochs is shuffled
@@ -53,38 +54,105 @@ def horizon_steps(cfg: PretrainConfig) -> int:
     return max(cfg.trainer.max_steps, cfg.model.optim.sched.max_steps or 0)
 
 
+@dataclass(frozen=True)
+class Stage:
+    """A stretch of steps at one sequence length and global batch size."""
+
+    first_step: int
+    steps: int
+    seq_length: int
+    global_batch_size: int
+    first_sample: int
+    """Training samples of the stages before (where this stage's consumed count starts)."""
+    micro_batch_size: int
+
+
+def stages_of(cfg: PretrainConfig) -> List[Stage]:
+    """model.seq_length_stages as Stages; without any, one stage for the horizon."""
+    m = cfg.model
+    if not m.seq_length_stages:
+        return [Stage(0, horizon_steps(cfg), m.encoder_seq_length, m.global_batch_size, 0,
+                      m.micro_batch_size)]
+    stages, step, sample = [], 0, 0
+    for spec, steps in zip(m.seq_length_stages, stage_steps(m)):
+        stages.append(Stage(step, steps, spec.encoder_seq_length, spec.global_batch_size,
+                            sample, spec.micro_batch_size or m.micro_batch_size))
+        step, sample = step + steps, sample + steps * spec.global_batch_size
+    return stages
+
+
 def pretraining_recipe(cfg: PretrainConfig, tokenizer, corpus_dir) -> Recipe:
-    """GPTDataset splits read in Megatron's order: global batch k is samples k*G..(k+1)*G-1 of
-    the split, this rank taking its micro-batch slices (collective: builds the index cache)."""
+    """GPTDataset splits read in Megatron's order: global batch k of a stage is samples
+    k*G..(k+1)*G-1 of its split, this rank taking its micro-batch slices (collective: builds
+    the index caches). With seq_length_stages each stage has its own datasets at its length,
+    its index sized for its steps; validation reads the current stage's."""
     m, t = cfg.model, cfg.trainer
-    gbs = m.global_batch_size
     cache_dir = Path(m.data.index_mapping_dir or exp_dir(cfg.exp_manager) / "index_cache")
-    datasets = build_gpt_datasets(
-        gpt_dataset_config(m.data, tokenizer, m.seed, cache_dir, corpus_dir),
-        [horizon_steps(cfg) * gbs, t.limit_val_batches * gbs, t.limit_test_batches * gbs])
-    micro = num_microbatches(m, world_size(cfg))
+    stages = stages_of(cfg)
+    datasets = [build_gpt_datasets(
+        gpt_dataset_config(replace(m.data, seq_length=st.seq_length), tokenizer, m.seed,
+                           cache_dir, corpus_dir),
+        [st.steps * st.global_batch_size, t.limit_val_batches * st.global_batch_size,
+         t.limit_test_batches * st.global_batch_size]) for st in stages]
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     pin = use_cuda(t.accelerator)
+    ramp = bool(m.seq_length_stages)
+    current = {"stage": 0}
 
-    def steps(split: int, consumed: int, count: int) -> Iterator[StepData]:
-        loader = iter(build_loader(datasets[split], consumed, m.micro_batch_size, dp_rank,
-                                   dp_size, m.data.num_workers, pin))
+    def stage_at(step: int) -> int:
+        return max(i for i, st in enumerate(stages) if st.first_step <= step or i == 0)
+
+    def steps(stage: int, split: int, consumed: int, count: int) -> Iterator[StepData]:
+        st = stages[stage]
+        micro = st.global_batch_size // (st.micro_batch_size * dp_size)
+        loader = iter(build_loader(datasets[stage][split], consumed, st.micro_batch_size,
+                                   dp_rank, dp_size, m.data.num_workers, pin))
+        counts = {"seq_length": st.seq_length} if ramp else {}
         for _ in range(count):
-            yield StepData([next(loader) for _ in range(micro)], gbs, gbs * m.encoder_seq_length)
+            yield StepData([next(loader) for _ in range(micro)], st.global_batch_size,
+                           st.global_batch_size * st.seq_length, counts)
 
     def train_steps(first: int, last: int, consumed: int) -> Iterator[StepData]:
-        return steps(0, consumed, last - first)
+        step = first
+        while step < last:
+            stage = stage_at(step)
+            st = stages[stage]
+            end = min(last, st.first_step + st.steps) if stage + 1 < len(stages) else last
+            in_stage = consumed - st.first_sample
+            if ramp and in_stage != (step - st.first_step) * st.global_batch_size:
+                raise ValueError(
+                    f"consumed samples {consumed} at step {step} do not match the stages "
+                    f"(stage {stage} starts at step {st.first_step}, sample {st.first_sample}, "
+                    f"{st.global_batch_size} per step): the checkpoint was written under "
+                    "other model.seq_length_stages")
+            current["stage"] = stage
+            yield from steps(stage, 0, in_stage, end - step)
+            consumed += (end - step) * st.global_batch_size
+            step = end
 
     def eval_steps(split: str, batches: int) -> Optional[List[StepData]]:
         index = {"val": 1, "test": 2}[split]
-        return None if datasets[index] is None else list(steps(index, 0, batches))
+        stage = current["stage"]
+        if datasets[stage][index] is None:
+            return None
+        return list(steps(stage, index, 0, batches))
 
-    plan = data_plan(datasets[0])
-    hint = (f"Its index is built for max(trainer.max_steps, model.optim.sched.max_steps) x "
-            f"model.global_batch_size samples (now {horizon_steps(cfg)} x {gbs}): to stop a run "
-            "early, keep that horizon with model.optim.sched.max_steps (the saved plan's "
-            "samples / global_batch_size) or use trainer.max_time. ")
+    train_sets = [ds[0] for ds in datasets]
+    if ramp:
+        plan = {"stages": [{"encoder_seq_length": st.seq_length,
+                            "global_batch_size": st.global_batch_size, "steps": st.steps,
+                            **data_plan(ds)} for st, ds in zip(stages, train_sets)]}
+        hint = ("Its stages (model.seq_length_stages) fix the data order from step 0: stages "
+                "already run must stay as they were; a change to stages not yet started can be "
+                "accepted as below. ")
+    else:
+        plan = data_plan(train_sets[0])
+        hint = (f"Its index is built for max(trainer.max_steps, model.optim.sched.max_steps) x "
+                f"model.global_batch_size samples (now {horizon_steps(cfg)} x "
+                f"{m.global_batch_size}): to stop a run early, keep that horizon with "
+                "model.optim.sched.max_steps (the saved plan's samples / global_batch_size) or "
+                "use trainer.max_time. ")
     return Recipe("pretraining", train_steps, eval_steps, data_plan=plan, plan_hint=hint)
 
 
@@ -98,8 +166,14 @@ def run_pretraining(cfg: PretrainConfig) -> None:
         recipe = pretraining_recipe(cfg, tokenizer, corpus_dir)
         m = cfg.model
         restore = Path(m.restore_from_path) if m.restore_from_path else None
-        micro = num_microbatches(m, world_size(cfg))
-        run(trainer, recipe, precision, restore,
-            f"{micro} micro-batch(es) of {m.micro_batch_size} x {m.encoder_seq_length} tokens")
+        if m.seq_length_stages:
+            describe = "stages " + ", ".join(
+                f"{st.seq_length} x {st.global_batch_size} (micro-batch {st.micro_batch_size}) "
+                f"from step {st.first_step}" for st in stages_of(cfg))
+        else:
+            micro = num_microbatches(m, world_size(cfg))
+            describe = (f"{micro} micro-batch(es) of {m.micro_batch_size} x "
+                        f"{m.encoder_seq_length} tokens")
+        run(trainer, recipe, precision, restore, describe)
     finally:
         shutdown()
