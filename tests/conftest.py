@@ -153,3 +153,29 @@ def init_checkpoint(tmp_path_factory) -> Path:
                   "model.optim.sched.max_steps=10", "model.optim.sched.warmup_steps=2",
                   f"exp_manager.exp_dir={exp}", "exp_manager.name=init"])
     return exp / "init" / "checkpoints" / "step_00000000"
+
+
+DP2_DISTRIBUTED_STEPS = 30
+
+
+def dp2_distributed_args(exp_dir: Path, init: Path) -> List[str]:
+    """Two data-parallel ranks with the distributed optimizer, from the shared step-0 weights,
+    a checkpoint every 2 steps (all kept): the run behind `dp2_distributed_straight`, and the
+    arguments a resumed or SLURM-launched copy of it repeats."""
+    return [*SMALL_MODEL, *QUIET, "trainer.precision=32",
+            f"trainer.max_steps={DP2_DISTRIBUTED_STEPS}",
+            f"model.optim.sched.max_steps={DP2_DISTRIBUTED_STEPS}",
+            "model.optim.sched.warmup_steps=2", "model.optim.name=distributed_fused_adam",
+            f"model.restore_from_path={init}", f"exp_manager.exp_dir={exp_dir}",
+            "exp_manager.checkpoint_callback_params.every_n_train_steps=2",
+            f"exp_manager.checkpoint_callback_params.save_top_k={DP2_DISTRIBUTED_STEPS}"]
+
+
+@pytest.fixture(scope="session")
+def dp2_distributed_straight(tmp_path_factory, init_checkpoint) -> Path:
+    """An uninterrupted 2-process run (torchrun) with the distributed optimizer: the
+    reference of the resume tests that stop and continue the same run (its exp dir)."""
+    exp = tmp_path_factory.mktemp("dp2_distributed")
+    run_pretrain([*dp2_distributed_args(exp, init_checkpoint), "exp_manager.name=straight"],
+                 nproc=2)
+    return exp / "straight"

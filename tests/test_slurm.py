@@ -13,7 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import QUIET, ROOT, SMALL_MODEL, free_port, run_pretrain, train_losses
+from tests.conftest import (
+    DP2_DISTRIBUTED_STEPS,
+    ROOT,
+    dp2_distributed_args,
+    free_port,
+    train_losses,
+)
 from tests.helpers.slurm_cluster import SlurmCluster, missing_binaries
 
 pytestmark = pytest.mark.skipif(
@@ -22,13 +28,13 @@ pytestmark = pytest.mark.skipif(
            "apt-get install slurmctld slurmd slurm-client munge")
 
 
-def test_sbatch_script_saves_on_a_signal_requeues_and_resumes(tmp_path):
+def test_sbatch_script_saves_on_a_signal_requeues_and_resumes(tmp_path, init_checkpoint,
+                                                             dp2_distributed_straight):
+    """2 tasks (gloo), the distributed optimizer, 30 steps; USR1 after 3 logged steps. The
+    uninterrupted reference is the same run under torchrun (a shared fixture)."""
     cluster = SlurmCluster(tmp_path / "slurm").start()
     try:
-        args = [*SMALL_MODEL, *QUIET, "trainer.precision=32", "trainer.max_steps=40",
-                "model.optim.sched.max_steps=40", "model.optim.sched.warmup_steps=2",
-                "exp_manager.checkpoint_callback_params.every_n_train_steps=0",
-                f"exp_manager.exp_dir={tmp_path}"]
+        args = dp2_distributed_args(tmp_path, init_checkpoint)
         venv_bin = str(Path(os.sys.executable).parent)
         env = {**cluster.env, "PATH": f"{venv_bin}:{os.environ['PATH']}",
                "CONFIG": "danube_tiny", "MASTER_PORT": str(free_port()),
@@ -59,10 +65,10 @@ def test_sbatch_script_saves_on_a_signal_requeues_and_resumes(tmp_path):
         step = int(stopped[0].split("stopped after step ")[1].split()[0])
         assert f"requeueing job {job} (restart 1)" in text
         assert f"(step {step})" in text.split(f"requeueing job {job}")[1]  # resumed there
-        assert 3 <= step < 40
+        assert 3 <= step < DP2_DISTRIBUTED_STEPS
         assert not list(ROOT.glob(".danube-stopped-*"))  # the script's stop marker is gone
-        run_pretrain([*args, "exp_manager.name=straight"], nproc=2)
-        resumed, straight = train_losses(tmp_path / "slurm"), train_losses(tmp_path / "straight")
-        assert list(straight) == list(range(1, 41)) and resumed == straight
+        straight = train_losses(dp2_distributed_straight)
+        assert list(straight) == list(range(1, DP2_DISTRIBUTED_STEPS + 1))
+        assert train_losses(tmp_path / "slurm") == straight
     finally:
         cluster.stop()

@@ -5,6 +5,7 @@ tests/test_parallel.py's pp2 layout.)"""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -80,8 +81,9 @@ RAMP = ["model.encoder_seq_length=128", "model.max_position_embeddings=128",
 
 def test_resume_equals_uninterrupted(tmp_path):
     """A sequence-length ramp (32 -> 64 -> 128 tokens, 512 tokens per step, two steps each)
-    over a blend with a source read for several epochs, run straight and stopped exactly at a
-    stage boundary (step 2), inside a stage (step 3), then resumed to the end: the same
+    over a blend with a source read for several epochs, run straight, and resumed from its
+    checkpoint at a stage boundary (step 2), stopped inside a stage (step 3), then resumed to
+    the end: the same
     losses step for step, bit for bit, in bf16 (which also covers megatron's
     Float16Module-before-DDP requirement for checkpoints; fp32 resume through the same loop:
     tests/test_sft.py and test_dpo.py), each step at its stage's shape. Running the finished
@@ -91,12 +93,23 @@ def test_resume_equals_uninterrupted(tmp_path):
     common = [*SMALL_MODEL, *QUIET, *RAMP, "model.optim.sched.warmup_steps=2",
               f"trainer.precision={precision}",
               "exp_manager.checkpoint_callback_params.every_n_train_steps=2",
+              "exp_manager.checkpoint_callback_params.save_top_k=3",
               blend_with_a_small_source(tmp_path), f"exp_manager.exp_dir={tmp_path}"]
     run_pretrain([*common, "trainer.max_steps=-1", "exp_manager.name=straight"])
-    run_pretrain([*common, "trainer.max_steps=2", "exp_manager.name=resumed"])
-    run_pretrain([*common, "trainer.max_steps=3", "exp_manager.name=resumed"])
+    # the straight run's checkpoint at the first stage boundary starts the stopped-and-resumed
+    # one (what a run stopped there by trainer.max_steps=2 saves: the same steps, computed
+    # the same way), which stops inside the second stage, then goes to the end
+    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "straight" / "checkpoints" / "step_00000002",
+                    tmp_path / "resumed" / "checkpoints" / "step_00000002")
+    (tmp_path / "resumed" / "metrics.jsonl").write_text("".join(
+        json.dumps(r) + "\n" for r in read_metrics(tmp_path / "straight") if r["step"] <= 2))
+    inside = run_pretrain([*common, "trainer.max_steps=3", "exp_manager.name=resumed"])
+    assert "(step 2)" in inside.stdout
     last = run_pretrain([*common, "trainer.max_steps=-1", "exp_manager.name=resumed"])
     assert "resumed from" in last.stdout and "(step 3)" in last.stdout
+    assert [r["step"] for r in read_metrics(tmp_path / "resumed") if "loss" in r] == [
+        1, 2, 3, 4, 5, 6]  # steps 3-6 logged by the resumed runs, once each
     assert "settings changed since that checkpoint" in last.stdout
     assert "trainer.max_steps: 3 -> 6" in last.stdout
     straight, resumed = train_losses(tmp_path / "straight"), train_losses(tmp_path / "resumed")

@@ -46,7 +46,11 @@ from danube.training.engine import (
     wrap_for_training,
 )
 from danube.training.metrics import MetricsLogger
-from danube.training.signals import STOPPED_EXIT_CODE, StopRequests
+from danube.training.signals import (
+    STOPPED_EXIT_CODE,
+    StopRequests,
+    children_ignore_stop_signals,
+)
 from danube.training.step import (
     TOKEN_LOSS_METRICS,
     LossFn,
@@ -266,10 +270,12 @@ def save(trainer: Trainer) -> None:
                 "dp": parallel_state.get_data_parallel_world_size()},
         data_plan=trainer.recipe.data_plan if trainer.recipe else None,
     )
-    path = ckpt.save_checkpoint(
-        root / checkpoint_dir_name(trainer.step), trainer.model, meta, trainer.config_yaml,
-        tokenizer=trainer.tokenizer, optimizer=trainer.optimizer, scheduler=trainer.scheduler,
-        distributed_optimizer=uses_distributed_optimizer(m.optim))
+    with children_ignore_stop_signals():  # the checkpoint writer's helper processes
+        path = ckpt.save_checkpoint(
+            root / checkpoint_dir_name(trainer.step), trainer.model, meta, trainer.config_yaml,
+            tokenizer=trainer.tokenizer, optimizer=trainer.optimizer,
+            scheduler=trainer.scheduler,
+            distributed_optimizer=uses_distributed_optimizer(m.optim))
     barrier()
     if is_rank0():  # after the barrier: the other ranks train on meanwhile
         params = cfg.exp_manager.checkpoint_callback_params

@@ -25,6 +25,7 @@ from danube.training.loop import (
     run,
     with_machine_precision,
 )
+from danube.training.signals import children_ignore_stop_signals
 
 __all__ = ["build_tokenizer", "pretraining_recipe", "run_pretraining", "with_machine_precision"]
 
@@ -106,8 +107,9 @@ def pretraining_recipe(cfg: PretrainConfig, tokenizer, corpus_dir) -> Recipe:
     def steps(stage: int, split: int, consumed: int, count: int) -> Iterator[StepData]:
         st = stages[stage]
         micro = st.global_batch_size // (st.micro_batch_size * dp_size)
-        loader = iter(build_loader(datasets[stage][split], consumed, st.micro_batch_size,
-                                   dp_rank, dp_size, m.data.num_workers, pin))
+        with children_ignore_stop_signals():  # data-loader workers start here
+            loader = iter(build_loader(datasets[stage][split], consumed, st.micro_batch_size,
+                                       dp_rank, dp_size, m.data.num_workers, pin))
         counts = {"seq_length": st.seq_length} if ramp else {}
         for _ in range(count):
             yield StepData([next(loader) for _ in range(micro)], st.global_batch_size,

@@ -2,7 +2,10 @@
 `trainer.max_time`.
 
 A signal only sets a flag (a handler that saved from inside the signal would race the step
-in flight, and forked data-loader workers inherit a handler that does nothing harmful). At
+in flight). SLURM signals every process of the job step, children included: helper processes
+(dist_checkpointing's writer Manager, data-loader workers) are started with the stop signals
+blocked (`children_ignore_stop_signals`), so a warning signal cannot kill them under the run
+(found on the real SLURM: the next save died on a broken pipe). At
 every step boundary the ranks agree with one small all-reduce (MAX of "I want to stop"), so
 all of them save the same step and leave together, with exit code 75 (EX_TEMPFAIL: "stopped
 to be resumed"), which the sbatch scripts requeue on.
@@ -12,12 +15,25 @@ from __future__ import annotations
 
 import signal
 import time
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import torch
 
 STOPPED_EXIT_CODE = 75
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+@contextmanager
+def children_ignore_stop_signals() -> Iterator[None]:
+    """Block SIGTERM/SIGUSR1 in this thread while the body starts helper processes: they
+    inherit the mask (fork and exec alike) and never see the signals; here a signal that
+    arrives meanwhile stays pending and is handled when the body ends."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class StopRequests:

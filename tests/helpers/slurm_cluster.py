@@ -76,7 +76,7 @@ SlurmctldPort={ctld}
 SlurmdPort={slurmd}
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={r}/munge.socket,cred_expire=10
+AuthInfo=socket={r}/munge.socket,cred_expire=5
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation={r}/state
