@@ -21,11 +21,11 @@ from tests.conftest import (
 
 def test_danube_tiny_learns_and_logs(tmp_path):
     """The embedded default, shortened: loss falls, logs and checkpoints land where documented."""
-    run_pretrain(["trainer.max_steps=30", "trainer.val_check_interval=15",
+    run_pretrain(["trainer.max_steps=20", "trainer.val_check_interval=10",
                   "trainer.log_every_n_steps=1",
                   "trainer.limit_val_batches=2", "trainer.limit_test_batches=1",
                   "model.optim.sched.warmup_steps=5",
-                  "exp_manager.checkpoint_callback_params.every_n_train_steps=10",
+                  "exp_manager.checkpoint_callback_params.every_n_train_steps=5",
                   "exp_manager.checkpoint_callback_params.save_top_k=3",
                   "model.downstream_eval.tasks=[arc_easy]", "model.downstream_eval.limit=20",
                   f"exp_manager.exp_dir={tmp_path}"])
@@ -33,7 +33,7 @@ def test_danube_tiny_learns_and_logs(tmp_path):
     records = read_metrics(exp)
     _downstream_equals_evaluating_the_checkpoint(records, exp)
     train = [r for r in records if "loss" in r]
-    assert [r["step"] for r in train] == list(range(1, 31))
+    assert [r["step"] for r in train] == list(range(1, 21))
     for record in train:
         keys = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "consumed_samples"}
         assert keys <= set(record)
@@ -41,33 +41,33 @@ def test_danube_tiny_learns_and_logs(tmp_path):
     last5 = sum(r["loss"] for r in train[-5:]) / 5
     assert last5 < train[0]["loss"] - 2.0, [round(r["loss"], 3) for r in train]
     val = [r for r in records if "val_loss" in r]
-    assert [r["step"] for r in val] == [15, 30] and val[1]["val_loss"] < val[0]["val_loss"]
+    assert [r["step"] for r in val] == [10, 20] and val[1]["val_loss"] < val[0]["val_loss"]
     assert val[0]["val_ppl"] == pytest.approx(2.718281828 ** val[0]["val_loss"], rel=1e-6)
     assert any("test_loss" in r for r in records)
     assert list((exp / "tensorboard").glob("events.out.tfevents.*"))
     ckpts = sorted(p.name for p in (exp / "checkpoints").iterdir())
-    assert ckpts == ["step_00000010", "step_00000020", "step_00000030"]
-    # a checkpoint records its own step's validation loss or none (step 20 comes after the
-    # validation at 15: an older loss would misrank it for save_top_k / monitor val_loss)
+    assert ckpts == ["step_00000010", "step_00000015", "step_00000020"]
+    # a checkpoint records its own step's validation loss or none (step 15 comes after the
+    # validation at 10: an older loss would misrank it for save_top_k / monitor val_loss)
     metas = {p.name: json.loads((p / "danube_checkpoint.json").read_text())
              for p in (exp / "checkpoints").iterdir()}
-    assert metas["step_00000020"]["val_loss"] is None
-    assert metas["step_00000030"]["val_loss"] == pytest.approx(val[1]["val_loss"])
-    assert (exp / "checkpoints" / "step_00000030" / "config.yaml").is_file()
-    assert (exp / "checkpoints" / "step_00000030" / "tokenizer" / "tokenizer.json").is_file()
+    assert metas["step_00000015"]["val_loss"] is None
+    assert metas["step_00000020"]["val_loss"] == pytest.approx(val[1]["val_loss"])
+    assert (exp / "checkpoints" / "step_00000020" / "config.yaml").is_file()
+    assert (exp / "checkpoints" / "step_00000020" / "tokenizer" / "tokenizer.json").is_file()
     assert (exp / "config.yaml").is_file()
 
 
 def _downstream_equals_evaluating_the_checkpoint(records, exp):
-    """model.downstream_eval scored at steps 15 and 30, and step 30's numbers are what
-    eval/evaluate.py gives on the step-30 checkpoint with the same limit."""
+    """model.downstream_eval scored at steps 10 and 20, and step 20's numbers are what
+    eval/evaluate.py gives on the step-20 checkpoint with the same limit."""
     from danube.evaluation.lm import DanubeLM
     from danube.evaluation.run import EvalSettings, headline, score
     from danube.inference.model import open_checkpoint
 
     scored = [r for r in records if "downstream/arc_easy/acc_norm" in r]
-    assert [r["step"] for r in scored] == [15, 30]
-    with open_checkpoint(exp / "checkpoints" / "step_00000030") as im:
+    assert [r["step"] for r in scored] == [10, 20]
+    with open_checkpoint(exp / "checkpoints" / "step_00000020") as im:
         again = headline(score(DanubeLM(im), EvalSettings(tasks=["arc_easy"], limit=20)))
     assert {f"downstream/{k}": v for k, v in again.items()} == {
         k: v for k, v in scored[1].items() if k.startswith("downstream/")}
