@@ -50,8 +50,7 @@ def with_stage_steps(cfg):
     records); otherwise cfg unchanged."""
     from dataclasses import replace
 
-    stages = getattr(cfg.model, "seq_length_stages", None)
-    if not stages or cfg.trainer.max_steps != -1:
+    if not cfg.model.seq_length_stages or cfg.trainer.max_steps != -1:
         return cfg
     return replace(cfg, trainer=replace(cfg.trainer, max_steps=sum(stage_steps(cfg.model))))
 
@@ -59,8 +58,7 @@ def with_stage_steps(cfg):
 def schedule_default_horizon(cfg) -> int:
     """Steps the LR schedule decays over unless model.optim.sched.max_steps says: the whole
     ramp with seq_length_stages, else trainer.max_steps."""
-    stages = getattr(cfg.model, "seq_length_stages", None)
-    return sum(stage_steps(cfg.model)) if stages else cfg.trainer.max_steps
+    return sum(stage_steps(cfg.model)) if cfg.model.seq_length_stages else cfg.trainer.max_steps
 
 
 def normalized_precision(precision: str) -> str:

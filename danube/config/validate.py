@@ -430,7 +430,7 @@ def _check_stages(cfg, problems: List[str]) -> None:
     """model.seq_length_stages: pretraining only; whole stages that fit the model, the batch
     layout, and one number of tokens per step (the schedule counts steps)."""
     m = cfg.model
-    stages = getattr(m, "seq_length_stages", None) or []
+    stages = m.seq_length_stages
     if not stages:
         return
     if not isinstance(cfg, PretrainConfig):

@@ -102,7 +102,7 @@ def pretraining_recipe(cfg: PretrainConfig, tokenizer, corpus_dir) -> Recipe:
     current = {"stage": 0}
 
     def stage_at(step: int) -> int:
-        return max(i for i, st in enumerate(stages) if st.first_step <= step or i == 0)
+        return max(i for i, st in enumerate(stages) if st.first_step <= step)
 
     def steps(stage: int, split: int, consumed: int, count: int) -> Iterator[StepData]:
         st = stages[stage]

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Dict, Optional
 
+from tests.conftest import free_port
+
 BINARIES = ("slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "munged", "mungekey")
 
 
@@ -27,12 +29,6 @@ def missing_binaries() -> list:
 
 def _which(name: str) -> str:
     return shutil.which(name) or f"/usr/sbin/{name}"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _alive(pid: int) -> bool:
@@ -69,7 +65,7 @@ class SlurmCluster:
                         f"--log-file={r}/log/munged.log", f"--seed-file={r}/munge.seed"],
                        check=True, capture_output=True)
         cpus = os.cpu_count() or 2
-        ctld, slurmd = _free_port(), _free_port()
+        ctld, slurmd = free_port(), free_port()
         (r / "slurm.conf").write_text(f"""ClusterName=danubetest
 SlurmctldHost={self.host}(127.0.0.1)
 SlurmctldPort={ctld}
