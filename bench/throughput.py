@@ -13,8 +13,13 @@ The header names the CPU's vector capability and whether it has native bf16 (AVX
 AMX), and what `trainer.precision=auto` picks there: bf16 ratios hold only for that kind of CPU.
 Engines alternate for --rounds rounds (a shared machine's load then hits them alike); each
 round reports the median step over the timed steps, and the table shows each engine's best
-round: tokens/s, peak memory, ratio to hf-fp32, model FLOP/s (6N + attention per token), and
-MFU when --peak-tflops is given.
+round: tokens/s (per GPU: one process), peak memory, ratio to hf-fp32, model FLOP/s and, with
+--peak-tflops, MFU in two conventions: attention counted causal within the window (the work
+done; `danube.config.derived.training_flops_per_token`) and Megatron-LM's (every key of the
+sequence, "MFU-mg": higher, and inflated 72% at 16k with a 4096 window).
+
+    python bench/throughput.py --arch danube_1.8b --engines danube-bf16 --peak-tflops 989 \
+        model.encoder_seq_length=2048 model.micro_batch_size=8 model.global_batch_size=8
 """
 
 from __future__ import annotations
@@ -25,22 +30,24 @@ import os
 import resource
 import statistics
 import time
+from pathlib import Path
 
 ENGINES = ("danube-fp32", "danube-bf16", "hf-fp32", "hf-bf16")
 
 
-def flops_per_token(m, vocab: int) -> float:
-    """Training FLOPs per token: 6 x (weights touched per token) + attention scores
-    (Megatron-LM's accounting, window-limited keys, no causal discount)."""
-    head_dim = m.kv_channels or m.hidden_size // m.num_attention_heads
-    groups = m.num_query_groups or m.num_attention_heads
-    qkv = m.hidden_size * head_dim * (m.num_attention_heads + 2 * groups)
-    proj = head_dim * m.num_attention_heads * m.hidden_size
-    mlp = 3 * m.hidden_size * m.ffn_hidden_size
-    dense = m.num_layers * (qkv + proj + mlp) + m.hidden_size * vocab  # + LM head
-    keys = min(m.encoder_seq_length, m.window_size or m.encoder_seq_length)
-    attention = m.num_layers * 2 * 2 * keys * head_dim * m.num_attention_heads  # QK^T and AV
-    return 6 * dense + 3 * attention
+def architecture_overrides(name: str) -> list:
+    """Overrides giving danube_tiny (the embedded data, no files needed) the architecture of
+    config `name` (e.g. danube_1.8b): every ARCHITECTURE_FIELDS key, a one-GPU layout, its
+    vocabulary rows (the tokenizer it names: 32000 for danube_1.8b)."""
+    from danube.config.compose import compose_pretrain_config
+    from danube.config.derived import ARCHITECTURE_FIELDS
+
+    m = compose_pretrain_config(name, []).model
+    values = {key: getattr(m, key) for key in ARCHITECTURE_FIELDS}
+    values["vocab_size"] = values["vocab_size"] or 32000
+    return [f"model.{k}={'null' if v is None else str(v).lower() if isinstance(v, bool) else v}"
+            for k, v in values.items()] + ["model.tensor_model_parallel_size=1",
+                                           "model.pipeline_model_parallel_size=1"]
 
 
 def _setup(overrides):
@@ -135,14 +142,21 @@ def worker(engine, overrides, steps, warmup):
         cfg, vocab, times, loss = run_danube(overrides, steps, warmup, precision)
     else:
         cfg, vocab, times, loss = run_hf(overrides, steps, warmup, bf16=engine == "hf-bf16")
+    from danube.config.derived import padded_vocab_size, training_flops_per_token
+
     m = cfg.model
     tokens = m.global_batch_size * m.encoder_seq_length
     peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    rows = padded_vocab_size(m.vocab_size or vocab, m)
     print(json.dumps({
         "engine": engine, "median_step_s": statistics.median(times),
         "tokens_per_s": tokens / statistics.median(times), "peak_mib": peak / 2**20,
-        "flops_per_token": flops_per_token(m, vocab), "loss": float(loss),
+        "flops_per_token": training_flops_per_token(m, rows, m.encoder_seq_length),
+        "flops_per_token_megatron": training_flops_per_token(m, rows, m.encoder_seq_length,
+                                                             causal_window=False),
+        "seq_length": m.encoder_seq_length, "loss": float(loss),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "precision": engine.split("-")[1],
         "threads": torch.get_num_threads(),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
@@ -157,9 +171,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per engine")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="device peak (e.g. 989 for H100 bf16 dense) to report MFU")
+    parser.add_argument("--arch", default=None,
+                        help="another config's architecture on danube_tiny's embedded data "
+                             "(e.g. danube_1.8b)")
+    parser.add_argument("--json", default=None, help="also write the results to this file")
     parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
     args = parser.parse_args()
+    if args.arch:
+        args.overrides = [*architecture_overrides(args.arch), *args.overrides]
     if args.worker:
         return worker(args.worker, args.overrides, args.steps, args.warmup)
 
@@ -175,23 +195,34 @@ def main() -> None:
                                *args.overrides], "tokens_per_s", scratch)
     results = list(best.values())
     base = next((r["tokens_per_s"] for r in results if r["engine"] == "hf-fp32"), None)
-    print(f"\nconfig {os.environ.get('BENCH_CONFIG', 'danube_tiny')} {' '.join(args.overrides)}"
+    shown = " ".join(args.overrides[len(architecture_overrides(args.arch)):] if args.arch
+                     else args.overrides)
+    print(f"\nconfig {os.environ.get('BENCH_CONFIG', 'danube_tiny')}"
+          f"{' with ' + args.arch + ' architecture' if args.arch else ''} {shown}"
           f" | best of {args.rounds} rounds of {args.steps} timed steps after {args.warmup}"
-          f" | device {results[0]['device']}"
+          f" | device {results[0]['gpu'] or results[0]['device']}"
           f" | torch threads {results[0]['threads']}")
     if results[0]["device"] == "cpu":
         print(f"CPU {cpu_capability()}, native bf16 (AVX512-BF16/AMX): "
               f"{'yes' if cpu_native_bf16() else 'no'}; trainer.precision=auto -> "
               f"{resolve_precision('auto', cuda=False).precision}")
-    header = f"{'engine':<12} {'precision':<9} {'tokens/s':>10} {'vs hf-fp32':>10} " \
-             f"{'peak MiB':>9} {'TFLOP/s':>8} {'MFU':>6} {'loss':>7}"
+    header = f"{'engine':<12} {'precision':<9} {'seq':>6} {'tokens/s':>10} {'vs hf-fp32':>10} " \
+             f"{'peak MiB':>9} {'TFLOP/s':>8} {'MFU':>6} {'MFU-mg':>6} {'loss':>7}"
     print(header + "\n" + "-" * len(header))
     for r in results:
         tflops = r["tokens_per_s"] * r["flops_per_token"] / 1e12
         ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
-        mfu = f"{100 * tflops / args.peak_tflops:.1f}%" if args.peak_tflops else "-"
-        print(f"{r['engine']:<12} {r['precision']:<9} {r['tokens_per_s']:>10,.0f} {ratio:>10} "
-              f"{r['peak_mib']:>9,.0f} {tflops:>8.3f} {mfu:>6} {r['loss']:>7.3f}")
+        mfu = mfu_mg = "-"
+        if args.peak_tflops:
+            mfu = f"{100 * tflops / args.peak_tflops:.1f}%"
+            mega = r["tokens_per_s"] * r["flops_per_token_megatron"] / 1e12
+            mfu_mg = f"{100 * mega / args.peak_tflops:.1f}%"
+        r.update(tflops=tflops, mfu=mfu, mfu_megatron=mfu_mg)
+        print(f"{r['engine']:<12} {r['precision']:<9} {r['seq_length']:>6} "
+              f"{r['tokens_per_s']:>10,.0f} {ratio:>10} {r['peak_mib']:>9,.0f} {tflops:>8.3f} "
+              f"{mfu:>6} {mfu_mg:>6} {r['loss']:>7.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -14,8 +14,11 @@ import pytest
 
 # The suite is the CPU path: on a GPU host it hides the GPUs (before anything imports torch or
 # asks CUDA), from this process and from every launcher it starts, and so serves as a CPU
-# smoke test there too.
-os.environ["CUDA_VISIBLE_DEVICES"] = ""
+# smoke test there too. DANUBE_GPU_TESTS=1 leaves them visible for the GPU suite
+# (tests/gpu, `pytest -m gpu`; bench/gpu_acceptance.py runs it).
+GPU_TESTS = os.environ.get("DANUBE_GPU_TESTS") == "1"
+if not GPU_TESTS:
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = ROOT / "launchers" / "pretrain.py"

@@ -198,12 +198,18 @@ def _assert_same(records, reference, rel=1e-5):
 
 
 @pytest.fixture(scope="module")
-def dpo_reference(tmp_path_factory, init_checkpoint, pairs_file):
+def dpo_reference_run(tmp_path_factory, init_checkpoint, pairs_file):
+    """The unpacked reference run: its experiment (checkpoints at steps 2 and 4), its output."""
     exp = tmp_path_factory.mktemp("dpo_reference")
     result = run_dpo([*_common(exp, init_checkpoint, pairs_file), *_packed(False),
                       "exp_manager.name=unpacked"])
-    records = train_records(exp / "unpacked")
-    return records, result.stdout
+    return exp / "unpacked", result.stdout
+
+
+@pytest.fixture(scope="module")
+def dpo_reference(dpo_reference_run):
+    run, stdout = dpo_reference_run
+    return train_records(run), stdout
 
 
 def test_step_zero_is_log2_and_training_moves_the_margin(dpo_reference):
@@ -260,15 +266,23 @@ def test_layouts_follow_the_single_process_trajectory(tmp_path, init_checkpoint,
     _assert_same(train_records(tmp_path / layout), dpo_reference[0])
 
 
-def test_resume_equals_uninterrupted(tmp_path, init_checkpoint, pairs_file, dpo_reference):
+def test_resume_equals_uninterrupted(tmp_path, init_checkpoint, pairs_file, dpo_reference_run,
+                                     dpo_reference):
+    """The reference run's step-2 checkpoint, resumed in another experiment to the end: the
+    reference's losses bit for bit."""
+    import shutil
+
     common = [*_common(tmp_path, init_checkpoint, pairs_file), *_packed(False),
               "exp_manager.name=resumed"]
-    run_dpo([*common, "trainer.max_steps=2"])
+    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(dpo_reference_run[0] / "checkpoints" / "step_00000002",
+                    tmp_path / "resumed" / "checkpoints" / "step_00000002")
     second = run_dpo(common)
     assert "resumed from" in second.stdout and "(step 2)" in second.stdout
     records = train_records(tmp_path / "resumed")
-    for step, ref in dpo_reference[0].items():
-        assert records[step]["loss"] == ref["loss"], step
+    assert list(records) == [3, 4]
+    for step in records:
+        assert records[step]["loss"] == dpo_reference[0][step]["loss"], step
 
 
 def test_a_reference_that_is_not_the_model_stops_the_run(tmp_path, init_checkpoint,

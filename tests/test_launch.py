@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+
+import pytest
 
 from danube.runtime import launch_info
 from tests.conftest import ROOT
@@ -39,8 +42,9 @@ def test_launch_info_reads_torchrun_then_slurm(monkeypatch):
 
 
 def test_shell_scripts_parse():
-    for script in ("launchers/slurm/pretrain.sbatch", ".ci/run",
-                   "tests/helpers/install_slurm.sh"):
+    for script in ("launchers/slurm/pretrain.sbatch", "launchers/slurm/sft.sbatch",
+                   "launchers/slurm/dpo.sbatch", ".ci/run", "tests/helpers/install_slurm.sh",
+                   "bench/gpu_wheels.sh"):
         subprocess.run(["bash", "-n", str(ROOT / script)], check=True)
 
 
@@ -69,3 +73,35 @@ def test_docker_context_leaves_outputs_data_and_environments_out():
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "ARG BASE_IMAGE=" in dockerfile and "CUDA_DEVICE_MAX_CONNECTIONS=1" in dockerfile
     assert dockerfile.count("image_stack.py verify") == 2
+
+
+def _fake_slurm(tmp_path, srun_exit: int):
+    """`srun` and `scontrol` stand-ins on PATH: each records its arguments."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (("srun", f'echo "$@" >> {tmp_path}/srun.log; exit {srun_exit}'),
+                       ("scontrol", f'echo "$@" >> {tmp_path}/scontrol.log; echo node1')):
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "41",
+            "SLURM_JOB_NODELIST": "node1", "SLURM_JOB_NUM_NODES": "1",
+            "SLURM_NTASKS_PER_NODE": "8", "SLURM_SUBMIT_DIR": str(ROOT)}
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_sft_and_dpo_batch_scripts_run_their_stage_through_the_shared_script(tmp_path, stage):
+    """sft.sbatch / dpo.sbatch hand over to pretrain.sbatch with their launcher and default
+    config, the user's overrides last; a stop (exit 75) requeues the job as for pretraining."""
+    env = _fake_slurm(tmp_path, srun_exit=75)
+    run = subprocess.run(["bash", f"launchers/slurm/{stage}.sbatch", "trainer.max_steps=5"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 75, run.stderr
+    srun = (tmp_path / "srun.log").read_text().split()
+    assert srun[srun.index("python") + 1] == f"launchers/{stage}.py"
+    assert srun[srun.index("--config-name") + 1] == f"danube_1.8b_chat_{stage}"
+    assert srun[-1] == "trainer.max_steps=5" and "trainer.devices=8" in srun
+    assert "requeue 41" in (tmp_path / "scontrol.log").read_text()
+    env["STAGE"] = "eval"
+    bad = subprocess.run(["bash", "launchers/slurm/pretrain.sbatch"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "use pretrain, sft or dpo" in bad.stderr

@@ -135,8 +135,9 @@ def test_packing_isolates_conversations_and_is_deterministic():
     rows = pack_rows([30, 10, 25, 40, 5], capacity=64, packed=True)
     assert rows == [[3, 1, 4], [0, 2]]
     assert pack_rows([30, 10, 25, 40, 5], 64, packed=False) == [[0], [1], [2], [3], [4]]
-    batch = collate_rows([[]], 8, 0, block_mask=True)  # an empty row: nothing trained
+    batch = collate_rows([[]], 8, 0, packed=True)  # an empty row: nothing trained
     assert batch["loss_mask"].sum() == 0
+    assert batch["cu_seqlens"].tolist() == [0, 8]  # its padding: one document of its own
 
 
 def test_packed_batch_loss_equals_each_conversation_alone(tokenizer_dir, tmp_path,
@@ -160,7 +161,7 @@ def test_packed_batch_loss_equals_each_conversation_alone(tokenizer_dir, tmp_pat
     torch.manual_seed(0)
     model = build_model_chunks(m, transformer_config(m, "32", False), tokenizer.vocab_size,
                                False)[0].eval()
-    packed = collate_rows([samples], 96, 0, block_mask=True)
+    packed = collate_rows([samples], 96, 0, packed=True)
     ours = evaluate([model], [[packed]], torch.device("cpu"))["lm loss"]
     total, count = 0.0, 0
     with torch.no_grad():
@@ -192,10 +193,16 @@ def _packed(value: bool):
 
 
 @pytest.fixture(scope="module")
-def unpacked_reference(tmp_path_factory, init_checkpoint):
+def unpacked_run(tmp_path_factory, init_checkpoint):
+    """The unpacked reference run's experiment (checkpoints at steps 3 and 6)."""
     exp = tmp_path_factory.mktemp("sft_reference")
     run_sft([*_common(exp, init_checkpoint), *_packed(False), "exp_manager.name=unpacked"])
-    records = train_records(exp / "unpacked")
+    return exp / "unpacked"
+
+
+@pytest.fixture(scope="module")
+def unpacked_reference(unpacked_run):
+    records = train_records(unpacked_run)
     assert list(records) == [1, 2, 3, 4, 5, 6]
     assert records[6]["loss"] < records[1]["loss"]
     return records
@@ -230,15 +237,22 @@ def test_layouts_follow_the_single_process_trajectory(tmp_path, init_checkpoint,
     _assert_same(train_records(tmp_path / layout), unpacked_reference)
 
 
-def test_resume_equals_uninterrupted(tmp_path, init_checkpoint, unpacked_reference):
+def test_resume_equals_uninterrupted(tmp_path, init_checkpoint, unpacked_run,
+                                     unpacked_reference):
+    """The reference run's step-3 checkpoint, resumed in another experiment to the end: the
+    reference's losses bit for bit."""
+    import shutil
+
     common = [*_common(tmp_path, init_checkpoint), *_packed(False), "exp_manager.name=resumed"]
-    run_sft([*common, "trainer.max_steps=3"])
+    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(unpacked_run / "checkpoints" / "step_00000003",
+                    tmp_path / "resumed" / "checkpoints" / "step_00000003")
     second = run_sft(common)
     assert "resumed from" in second.stdout and "(step 3)" in second.stdout
     records = train_records(tmp_path / "resumed")
-    assert records == {step: records[step] for step in unpacked_reference}
-    for step, ref in unpacked_reference.items():
-        assert records[step]["loss"] == ref["loss"], step
+    assert list(records) == [4, 5, 6]
+    for step in records:
+        assert records[step]["loss"] == unpacked_reference[step]["loss"], step
 
 
 def test_dry_run_shows_the_mask_and_writes_nothing(tmp_path, init_checkpoint):

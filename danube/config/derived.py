@@ -144,3 +144,30 @@ def parse_max_time(value: Optional[str]) -> Optional[float]:
     for part, unit in zip(reversed(parts), (1, 60, 3600, 86400)):
         seconds += int(part) * unit
     return float(seconds)
+
+
+def mean_keys_per_query(seq_length: int, window: Optional[int]) -> float:
+    """Keys a query attends to on average under causal attention within a window of
+    `window` keys (the query included; None = no window): (s+1)/2 without one."""
+    w = min(window or seq_length, seq_length)
+    return (w * (w + 1) / 2 + (seq_length - w) * w) / seq_length
+
+
+def training_flops_per_token(m: ModelConfig, vocab: int, seq_length: int,
+                             causal_window: bool = True) -> float:
+    """Training (forward + backward) FLOPs per token: 6 x the weights a token touches (layers
+    and LM head, not the embedding lookup) + 12 x layers x heads x head_dim x keys per query
+    for QK^T and AV. `causal_window`: keys counted causal within the window (the work a
+    kernel that skips masked blocks does; Danube-1.8B 11.25 GFLOP at 2048, 13.14 at 16384,
+    ../shared/notes/gpu-slurm-ngc.md A2); False: Megatron-LM/MPT's convention, every key of
+    the sequence (12.00 and 22.57)."""
+    heads = m.num_attention_heads
+    head_dim = m.kv_channels or m.hidden_size // heads
+    groups = m.num_query_groups or heads
+    qkv = m.hidden_size * head_dim * (heads + 2 * groups)
+    proj = head_dim * heads * m.hidden_size
+    mlp = (3 if m.activation in ("swiglu", "fast-swiglu") else 2) * m.hidden_size \
+        * m.ffn_hidden_size
+    dense = m.num_layers * (qkv + proj + mlp) + m.hidden_size * vocab
+    keys = mean_keys_per_query(seq_length, m.window_size) if causal_window else seq_length
+    return 6 * dense + 12 * m.num_layers * heads * head_dim * keys

@@ -90,15 +90,9 @@ def _check_machine(cfg: PretrainConfig, machine: Machine, problems: List[str]) -
         problems.append("model.peft.peft_scheme=lora wraps megatron's local linears; with "
                         "Transformer Engine layers (fused norm + linear) it is not wired yet: "
                         "set model.transformer_engine=false")
-    packed_key, packed = "train_ds.packed_sequence", getattr(
-        getattr(m.data, "train_ds", None), "packed_sequence", False)
-    if isinstance(cfg, DPOConfig):
-        packed_key, packed = "packed_sequence", m.data.packed_sequence
-    if packed and te_attention:
-        problems.append(f"model.data.{packed_key}=true isolates sequences with an "
-                        "attention mask, which Transformer Engine's causal attention "
-                        f"(model.attention_backend={m.attention_backend}) ignores: use "
-                        "model.attention_backend=sdpa (THD packing through TE is not wired yet)")
+    if m.attention_backend == "flex" and (not machine.cuda or cfg.trainer.accelerator == "cpu"):
+        problems.append("model.attention_backend=flex trains on a CUDA GPU only (torch's "
+                        "FlexAttention has no backward pass on a CPU): use auto or sdpa here")
     if m.attention_backend in ("flash", "fused", "unfused") and not gpu_te:
         problems.append(f"model.attention_backend={m.attention_backend} is a Transformer Engine "
                         "backend, unavailable here; use auto, sdpa or local")

@@ -147,6 +147,15 @@ class OptimConfig:
     """Adam epsilon."""
     sched: SchedConfig = field(default_factory=SchedConfig)
     """Learning-rate schedule."""
+    overlap_grad_sync: bool = True
+    """Overlap the data-parallel gradient reduce with the backward pass (megatron DDP's
+    overlap_grad_reduce, by buckets); applies with data-parallel size > 1."""
+    overlap_param_sync: bool = True
+    """With distributed_fused_adam: overlap the all-gather of updated weights with the next
+    forward pass (megatron's overlap_param_gather); applies with data-parallel size > 1."""
+    grad_sync_dtype: str = "fp32"
+    """fp32 | bf16: dtype of the data-parallel gradient reduce under bf16 (bf16 halves the
+    traffic, Megatron-LM's --grad-reduce-in-bf16, at some gradient precision)."""
 
 
 @dataclass
@@ -260,9 +269,19 @@ class ModelConfig:
     transformer_engine: bool = True
     """Use Transformer Engine's layer spec when TE and CUDA are present (required for FP8)."""
     attention_backend: str = "auto"
-    """auto | sdpa | local | flash | fused | unfused. auto: TE's choice with TE, else sdpa
-    (torch SDPA); local: megatron-core's unfused DotProductAttention; flash/fused/unfused
-    force a TE backend."""
+    """auto | sdpa | flex | local | flash | fused | unfused. auto: TE's choice with TE; else
+    flex on a CUDA GPU (FlexAttention: the window's blocks only, packed documents; needs
+    attention_dropout=0) and sdpa on a CPU (torch SDPA, dense window mask); local:
+    megatron-core's unfused DotProductAttention; flash/fused/unfused force a TE backend."""
+    gradient_accumulation_fusion: bool = True
+    """Fuse the weight-gradient GEMM with its accumulation into the fp32 main grad; applies
+    with Transformer Engine layers and apex's fused_weight_gradient_mlp_cuda (else off)."""
+    bias_activation_fusion: bool = True
+    """Fused (bias-)SwiGLU/GeLU kernel, also without biases; applies on CUDA."""
+    cross_entropy_loss_fusion: bool = True
+    """Fused vocab-parallel cross-entropy; applies on CUDA."""
+    cross_entropy_fusion_impl: str = "native"
+    """native (megatron's fused kernel) | te (Transformer Engine's; needs TE)."""
     fp8: bool = False
     """Train linear layers in FP8 (Hopper or newer, needs TE). The LM head stays bf16."""
     fp8_e4m3: bool = False

@@ -101,7 +101,15 @@ def _check_architecture(m: ModelConfig, problems: List[str]) -> None:
     _check_choice(problems, "model.activation", m.activation,
                   ("swiglu", "fast-swiglu", "gelu", "squared-relu"))
     _check_choice(problems, "model.attention_backend", m.attention_backend,
-                  ("auto", "sdpa", "local", "flash", "fused", "unfused"))
+                  ("auto", "sdpa", "flex", "local", "flash", "fused", "unfused"))
+    _check_choice(problems, "model.cross_entropy_fusion_impl", m.cross_entropy_fusion_impl,
+                  ("native", "te"))
+    _check_choice(problems, "model.optim.grad_sync_dtype", m.optim.grad_sync_dtype,
+                  ("fp32", "bf16"))
+    if m.attention_backend == "flex" and m.attention_dropout > 0:
+        problems.append(f"model.attention_backend=flex has no attention dropout but "
+                        f"model.attention_dropout={m.attention_dropout}: set it to 0, or use "
+                        "model.attention_backend=sdpa")
     if m.vocab_size is not None and m.vocab_size < 1:
         problems.append(f"model.vocab_size={m.vocab_size} must be >= 1 (null = the tokenizer's)")
     heads, groups = m.num_attention_heads, m.num_query_groups or m.num_attention_heads
@@ -332,6 +340,10 @@ def _check_sft_data(cfg: SFTConfig, problems: List[str]) -> None:
                             f"{{{ds.label_key}}} (label_key)")
     _check_peft(m, problems)
     ds = data.train_ds
+    if ds.packed_sequence and m.context_parallel_size > 1:
+        problems.append("model.data.train_ds.packed_sequence=true with context_parallel_size="
+                        f"{m.context_parallel_size}: packed (THD) batches are not split across "
+                        "context-parallel ranks yet; set one of them off")
     if (ds.global_batch_size, ds.micro_batch_size) != (m.global_batch_size, m.micro_batch_size):
         problems.append(f"model.data.train_ds global/micro batch sizes ({ds.global_batch_size}/"
                         f"{ds.micro_batch_size}) must equal model.global_batch_size/"

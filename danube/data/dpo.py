@@ -239,7 +239,7 @@ def collate_pairs(units: List[List[Tuple[int, DPOPair]]], seq_length: int, packe
         for unit in units:  # one pair, or none (padding)
             rows += [[unit[0][1].chosen], [unit[0][1].rejected]] if unit else [[], []]
         row_length = seq_length
-    batch = collate_rows(rows, row_length, pad_id, block_mask=packed)
+    batch = collate_rows(rows, row_length, pad_id, packed=packed)
     batch.update(_sequence_index(rows, row_length))
     pairs = [(i, p) for unit in units for i, p in unit]
     batch["pair_index"] = torch.tensor([i for i, _ in pairs], dtype=torch.long)

@@ -141,33 +141,36 @@ def pack_rows(lengths: List[int], capacity: int, packed: bool) -> List[List[int]
 
 
 def collate_rows(rows: List[List[SFTSample]], seq_length: int, pad_id: int,
-                 block_mask: bool) -> dict:
-    """Micro-batch tensors: tokens, labels, loss_mask, position_ids [b, s]; with `block_mask`
-    an attention_mask [b, 1, s, s] (True = masked) letting each conversation see only its
-    own earlier tokens."""
+                 packed: bool) -> dict:
+    """Micro-batch tensors: tokens, labels, loss_mask, position_ids [b, s]; `packed` adds
+    `cu_seqlens` [n+1] (int32), the start of every packed conversation and of every row's
+    padding tail in the flattened [b * s] micro-batch, and its total: megatron/TE's THD
+    layout, in which `training.step` runs the rows as one sequence of documents that each
+    attend only to themselves (TE's fused THD attention, FlexAttention's document mask, or
+    SDPA's block-diagonal mask on a CPU)."""
     b = len(rows)
     tokens = torch.full((b, seq_length), pad_id, dtype=torch.long)
     labels = torch.full((b, seq_length), pad_id, dtype=torch.long)
     loss_mask = torch.zeros((b, seq_length), dtype=torch.float)
     positions = torch.zeros((b, seq_length), dtype=torch.long)
-    segment = torch.full((b, seq_length), -1, dtype=torch.long)  # conversation per position
+    starts = []  # offsets into the flattened micro-batch where a document begins
     for r, row in enumerate(rows):
         start = 0
-        for k, sample in enumerate(row):
+        for sample in row:
             n = sample.positions
             ids = torch.from_numpy(sample.ids)
             tokens[r, start:start + n] = ids[:-1]
             labels[r, start:start + n] = ids[1:]
             loss_mask[r, start:start + n] = torch.from_numpy(sample.trained[1:]).float()
             positions[r, start:start + n] = torch.arange(n)
-            segment[r, start:start + n] = k
+            starts.append(r * seq_length + start)
             start += n
+        if start < seq_length:  # the padding tail: a document of its own, nothing trained
+            starts.append(r * seq_length + start)
     batch = {"tokens": tokens, "labels": labels, "loss_mask": loss_mask,
              "position_ids": positions}
-    if block_mask:
-        causal = torch.ones(seq_length, seq_length, dtype=torch.bool).tril()
-        same = segment[:, :, None] == segment[:, None, :]  # [b, s, s]
-        batch["attention_mask"] = ~(same & causal)[:, None]  # [b, 1, s, s], True = masked
+    if packed:
+        batch["cu_seqlens"] = torch.tensor(starts + [b * seq_length], dtype=torch.int32)
     return batch
 
 

@@ -2,13 +2,14 @@
 
 Model construction lives in this one module so that a later move (megatron-core is
 deprecating `GPTModel` for `HybridModel`) is a one-file change. The backend (Transformer
-Engine, megatron-core local, our SDPA attention, fusions, batched p2p) is chosen in `backend`
-alone.
+Engine, megatron-core local, our SDPA or FlexAttention, fusions, batched p2p) is chosen in
+`backend` alone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -32,7 +33,7 @@ from torch.overrides import TorchFunctionMode
 
 from danube.config.derived import padded_vocab_size
 from danube.config.schema import ModelConfig
-from danube.model.attention import SDPAttention
+from danube.model.attention import FlexAttention, SDPAttention
 from danube.model.norm import norm_class
 from danube.runtime import transformer_engine_available
 
@@ -64,18 +65,43 @@ class Backend:
     batch_p2p: bool
     """Batched pipeline p2p: NCCL only (on gloo it silently corrupts the interleaved
     schedule, ../shared/notes/megatron-core-on-cpu.md)."""
+    activation_fusion: bool
+    """megatron's fused (bias-)SwiGLU/GeLU (`model.bias_activation_fusion`), CUDA only."""
+    cross_entropy_fusion: bool
+    """megatron's fused vocab-parallel cross-entropy (`model.cross_entropy_loss_fusion`)."""
+    grad_accumulation_fusion: bool
+    """Weight-gradient GEMM fused into the main-grad accumulation: TE's linears do it, and
+    megatron's own (the LM head) need apex's fused_weight_gradient_mlp_cuda."""
 
 
-def backend(model: ModelConfig, use_te: bool) -> Backend:
+_OUR_ATTENTION = {"sdpa": SDPAttention, "flex": FlexAttention, "local": DotProductAttention}
+
+
+def backend(model: ModelConfig, use_te: bool, cuda: Optional[bool] = None) -> Backend:
     """The one place a backend is chosen. `use_te`: TE requested and usable here
-    (`uses_transformer_engine`); our SDPA attention unless TE's own (or megatron's local
-    DotProductAttention, `attention_backend=local`) is asked for."""
-    if use_te and model.attention_backend not in ("sdpa", "local"):
+    (`uses_transformer_engine`); `cuda`: a GPU trains (default: CUDA visible). Attention:
+    TE's own with TE unless sdpa/flex/local is asked for; without TE, `auto` is FlexAttention
+    on a GPU (the window's blocks only; it has no dropout) and SDPA on a CPU. Each fusion
+    applies where its kernel exists; off elsewhere, whatever the config asks."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    name = model.attention_backend
+    if use_te and name not in _OUR_ATTENTION:
         attention = None
+    elif name == "auto":
+        attention = FlexAttention if cuda and model.attention_dropout == 0 else SDPAttention
     else:
-        attention = DotProductAttention if model.attention_backend == "local" else SDPAttention
-    return Backend(te_layers=use_te, core_attention=attention, fusions=use_te,
-                   batch_p2p=torch.cuda.is_available())
+        attention = _OUR_ATTENTION[name]
+    gated = _ACTIVATIONS[model.activation][1]
+    return Backend(
+        te_layers=use_te, core_attention=attention, fusions=use_te, batch_p2p=cuda,
+        activation_fusion=(model.bias_activation_fusion and cuda
+                           and model.activation != "squared-relu" and (gated or model.bias)),
+        cross_entropy_fusion=(model.cross_entropy_loss_fusion and cuda
+                              and (model.cross_entropy_fusion_impl == "native" or use_te)),
+        grad_accumulation_fusion=(model.gradient_accumulation_fusion and use_te and cuda
+                                  and importlib.util.find_spec("fused_weight_gradient_mlp_cuda")
+                                  is not None),
+    )
 
 
 def megatron_window(window_size: Optional[int]) -> Optional[tuple]:
@@ -130,11 +156,13 @@ def transformer_config(model: ModelConfig, precision: str, use_te: bool) -> Tran
         # local replace the core attention in `layer_spec` instead.
         attention_backend=_TE_ATTENTION.get(model.attention_backend, AttnBackend.auto),
         masked_softmax_fusion=chosen.fusions,
-        bias_activation_fusion=chosen.fusions and model.bias,
+        bias_activation_fusion=chosen.activation_fusion,
+        cross_entropy_loss_fusion=chosen.cross_entropy_fusion,
+        cross_entropy_fusion_impl=model.cross_entropy_fusion_impl,
         bias_dropout_fusion=chosen.fusions,
         apply_rope_fusion=chosen.fusions,
         persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
+        gradient_accumulation_fusion=chosen.grad_accumulation_fusion,
         batch_p2p_comm=chosen.batch_p2p,
     )
 

@@ -176,17 +176,20 @@ class Reference:
         if self.weights is None:  # the model holds the starting weights (precompute)
             yield
             return
+        from danube.training.engine import params_synced
+
         params = self._params()
-        current = [p.detach().to("cpu", copy=True) for p in params]
-        with torch.no_grad():
-            for p, w in zip(params, self.weights):
-                p.copy_(w)
-        try:
-            yield
-        finally:
+        with params_synced(self.model):  # no overlapped gather may land on swapped weights
+            current = [p.detach().to("cpu", copy=True) for p in params]
             with torch.no_grad():
-                for p, w in zip(params, current):
+                for p, w in zip(params, self.weights):
                     p.copy_(w)
+            try:
+                yield
+            finally:
+                with torch.no_grad():
+                    for p, w in zip(params, current):
+                        p.copy_(w)
 
     def annotate(self, batches: List[List[dict]], keep_tokens: bool = False) -> None:
         """Reference log-probs into every micro-batch of `batches` (`ref_logps`), through

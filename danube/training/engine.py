@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import List
+from contextlib import contextmanager
+from typing import Iterator, List
 
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
@@ -20,28 +21,63 @@ def uses_distributed_optimizer(optim: OptimConfig) -> bool:
     return optim.name == "distributed_fused_adam"
 
 
+def ddp_config(optim: OptimConfig, data_parallel_size: int) -> DistributedDataParallelConfig:
+    """megatron DDP's settings: the overlaps apply with more than one data-parallel rank
+    (with one there is nothing to reduce or gather)."""
+    distributed = uses_distributed_optimizer(optim)
+    overlap = data_parallel_size > 1
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=optim.grad_sync_dtype == "fp32",
+        overlap_grad_reduce=overlap and optim.overlap_grad_sync,
+        overlap_param_gather=overlap and distributed and optim.overlap_param_sync,
+        use_distributed_optimizer=distributed,
+    )
+
+
+def _per_chunk(functions: List):
+    return functions[0] if len(functions) == 1 else functions
+
+
 def wrap_for_training(
-    chunks: List, config: TransformerConfig, optim: OptimConfig
+    chunks: List, config: TransformerConfig, optim: OptimConfig, data_parallel_size: int
 ) -> List[DistributedDataParallel]:
     """Float16Module (bf16) then megatron DDP, in that order: wrapping DDP first breaks
-    checkpoint saving ("Param id N does not match any model sharded param")."""
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
-        use_distributed_optimizer=uses_distributed_optimizer(optim),
-    )
+    checkpoint saving ("Param id N does not match any model sharded param"). With the
+    gradient reduce overlapped, megatron's schedules hold it back over all but the last
+    micro-batch (`no_sync_func`) and launch it per chunk (`grad_sync_func`), as Megatron-LM's
+    training.py wires them; `finalize_model_grads` waits for it."""
+    settings = ddp_config(optim, data_parallel_size)
     wrapped = []
     for index, chunk in enumerate(chunks):
         module = Float16Module(config, chunk) if config.bf16 else chunk
         wrapped.append(
             DistributedDataParallel(
-                config=config, ddp_config=ddp_config, module=module,
+                config=config, ddp_config=settings, module=module,
                 # Megatron-LM: only the first chunk's buckets may be sized by the DDP default.
                 disable_bucketing=index > 0,
             )
         )
     config.finalize_model_grads_func = finalize_model_grads
+    if settings.overlap_grad_reduce:
+        config.no_sync_func = _per_chunk([chunk.no_sync for chunk in wrapped])
+        config.grad_sync_func = _per_chunk([chunk.start_grad_sync for chunk in wrapped])
     return wrapped
+
+
+@contextmanager
+def params_synced(model: List) -> Iterator[None]:
+    """Weights complete on every rank inside, and left alone by the forward pass: with the
+    weight all-gather overlapped (distributed optimizer), the step's gather is only waited for
+    in the next forward's pre-hooks, so a checkpoint (or a weight swap) taken right after an
+    update would see other ranks' shards stale. Forces the gather, hooks off inside."""
+    hooked = [chunk for chunk in model if getattr(chunk, "use_forward_hook", False)]
+    for chunk in hooked:
+        chunk.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
+        for chunk in hooked:
+            chunk.enable_forward_pre_hook()
 
 
 def build_optimizer(

@@ -42,6 +42,7 @@ from danube.training.data_plan import DataPlanChanged, check_resume
 from danube.training.engine import (
     build_optimizer,
     build_scheduler,
+    params_synced,
     uses_distributed_optimizer,
     wrap_for_training,
 )
@@ -161,7 +162,9 @@ def build_trainer(cfg, tokenizer, vocab_size: int, per_token_loss: bool = False)
     config = transformer_config(m, normalized_precision(cfg.trainer.precision), use_te)
     config.calculate_per_token_loss = per_token_loss
     chunks = build_model_chunks(m, config, vocab_size, use_te, getattr(m, "peft", None))
-    model = wrap_for_training(chunks, config, m.optim)
+    model = wrap_for_training(
+        chunks, config, m.optim,
+        parallel_state.get_data_parallel_world_size(with_context_parallel=True))
     optimizer = build_optimizer(m.optim, cfg.trainer.gradient_clip_val, config, model)
     scheduler = build_scheduler(m.optim, schedule_default_horizon(cfg), optimizer)
     log = MetricsLogger(exp_dir(cfg.exp_manager), cfg.exp_manager.create_tensorboard_logger,
@@ -270,7 +273,8 @@ def save(trainer: Trainer) -> None:
                 "dp": parallel_state.get_data_parallel_world_size()},
         data_plan=trainer.recipe.data_plan if trainer.recipe else None,
     )
-    with children_ignore_stop_signals():  # the checkpoint writer's helper processes
+    # params_synced: an overlapped weight all-gather completes before the weights are saved
+    with children_ignore_stop_signals(), params_synced(trainer.model):
         path = ckpt.save_checkpoint(
             root / checkpoint_dir_name(trainer.step), trainer.model, meta, trainer.config_yaml,
             tokenizer=trainer.tokenizer, optimizer=trainer.optimizer,

@@ -7,6 +7,7 @@ from typing import Callable, Dict, Iterator, List, Sequence
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_batch_on_this_cp_rank
 
@@ -37,17 +38,41 @@ def token_loss(raw: dict, batch: dict, output_tensor: torch.Tensor):
 LossFn = Callable[[dict, dict, torch.Tensor], tuple]
 
 
+def packed_params(raw: dict, device: torch.device):
+    """A packed micro-batch's PackedSeqParams (THD), or None: `cu_seqlens` delimits its
+    documents in the flattened [1, b * s] row (`data.sft.collate_rows`)."""
+    if "cu_seqlens" not in raw:
+        return None
+    cu_seqlens = raw["cu_seqlens"]  # [n + 1], CPU: the longest document without a sync
+    longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    on_device = cu_seqlens.to(device, non_blocking=True)
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=on_device, cu_seqlens_kv=on_device,
+                           max_seqlen_q=longest, max_seqlen_kv=longest)
+
+
+def model_shape(batch: dict) -> tuple:
+    """(micro-batch size, sequence length) as the model runs it: a packed micro-batch is one
+    row of b * s tokens (THD)."""
+    b, s = batch["tokens"].shape
+    return (1, b * s) if "cu_seqlens" in batch else (b, s)
+
+
 def forward_step(device: torch.device, loss_fn: LossFn, data_iterator: Iterator, model):
     """megatron-core forward_step_func: one micro-batch through this rank's model chunk.
     With context parallelism each rank keeps its two (load-balanced) sequence chunks."""
     raw = next(data_iterator)
-    batch = get_batch_on_this_cp_rank(_to_device(raw, device))
+    packed = packed_params(raw, device)
+    batch = _to_device({k: v for k, v in raw.items() if k != "cu_seqlens"}, device)
+    if packed is None:
+        batch = get_batch_on_this_cp_rank(batch)
+    shape = model_shape(raw)
     output = model(
-        batch["tokens"],  # [b, s]
-        batch["position_ids"],  # [b, s]
+        batch["tokens"].view(shape),  # [b, s]; packed: [1, b * s]
+        batch["position_ids"].view(shape),
         batch.get("attention_mask"),  # [b, 1, s, s] or None (causal)
-        labels=batch["labels"],  # [b, s]
-    )  # per-token losses [b, s] on the last stage, activations elsewhere
+        labels=batch["labels"].view(shape),
+        packed_seq_params=packed,
+    )  # per-token losses [b, s] ([1, b * s]) on the last stage, activations elsewhere
     return output, partial(loss_fn, raw, batch)
 
 
@@ -87,7 +112,7 @@ def run_schedule(model: List, micro_batches: List[dict], device: torch.device,
     parallel layout (no pipelining, 1F1B, or interleaved); returns the last stage's
     per-micro-batch loss reports. Every model chunk reads the same micro-batches (the
     interleaved schedule pulls from each chunk's iterator)."""
-    micro_batch_size, seq_length = micro_batches[0]["tokens"].shape  # [b, s]
+    micro_batch_size, seq_length = model_shape(micro_batches[0])
     iterators: List[Iterator] = [iter(micro_batches) for _ in model]
     return get_forward_backward_func()(
         forward_step_func=partial(forward_step, device, loss_fn),
