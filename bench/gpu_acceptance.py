@@ -75,7 +75,8 @@ def throughput_command(seq: int, peak: Optional[float], out: Path, extra=(),
     cmd = [sys.executable, "bench/throughput.py", "--arch", "danube_1.8b",
            "--engines", "danube-bf16", "--rounds", "1", "--steps", str(steps), "--warmup", "3",
            "--json", str(out), "trainer.accelerator=gpu", "model.transformer_engine=false",
-           f"model.encoder_seq_length={seq}", f"model.micro_batch_size={mbs}", f"model.global_batch_size={mbs}", *extra]
+           f"model.encoder_seq_length={seq}", f"model.micro_batch_size={mbs}",
+           f"model.global_batch_size={mbs}", *extra]
     return cmd + (["--peak-tflops", str(peak)] if peak else [])
 
 

@@ -225,20 +225,25 @@ def test_shards_are_written_as_they_fill(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir())[0] == "model-00001-of-00005.safetensors"
 
 
-def test_imported_config_continues_pretraining(tmp_path):
+def write_imported_corpus(imported: Path, prefix: Path) -> None:
+    """200 short documents in an imported model's tokenizer, as a Megatron indexed dataset."""
     import numpy as np
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     from danube.data.tokenizer import load_tokenizer
 
-    hf_dir = make_hf(tmp_path / "hf", "mistral")
-    convert("hf_to_mcore.py", hf_dir, tmp_path / "ours")
-    tok = load_tokenizer(tmp_path / "ours" / "tokenizer")
-    builder = IndexedDatasetBuilder(str(tmp_path / "text.bin"), dtype=np.uint16)
+    tok = load_tokenizer(imported / "tokenizer")
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.uint16)
     for i in range(200):
         ids = tok.tokenize(f"def f{i}(x):\n    return x + {i}  # the quick brown fox") + [tok.eod]
         builder.add_document(ids, [len(ids)])
-    builder.finalize(str(tmp_path / "text.idx"))
+    builder.finalize(f"{prefix}.idx")
+
+
+def test_imported_config_continues_pretraining(tmp_path):
+    hf_dir = make_hf(tmp_path / "hf", "mistral")
+    convert("hf_to_mcore.py", hf_dir, tmp_path / "ours")
+    write_imported_corpus(tmp_path / "ours", tmp_path / "text")
     result = run_pretrain([
         "--config-path", str(tmp_path / "ours"), "--config-name", "config",
         f"model.data.data_prefix=[{tmp_path / 'text'}]", "model.encoder_seq_length=32",

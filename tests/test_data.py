@@ -138,3 +138,61 @@ def test_a_run_stopped_early_reads_the_data_of_the_whole_run(tmp_path, megatron_
     assert first_batches("stopped", "trainer.max_steps=2", "model.optim.sched.max_steps=8") \
         == whole
     assert first_batches("short", "trainer.max_steps=2") != whole
+
+
+def test_a_ramp_stage_reads_its_own_blend(tmp_path, megatron_world):
+    """model.seq_length_stages[i].data_prefix: the stage's batches come from its blend alone
+    (every token one of the small source's), the stage without one reads the run's, and the
+    data plan records each stage's sources (so a resume that changes one is refused)."""
+    from danube.config.compose import compose_pretrain_config
+    from danube.training.pretrain import build_tokenizer, pretraining_recipe
+    from tests.conftest import SMALL_MODEL, write_indexed
+
+    prefix = tmp_path / "own"
+    documents = [[100 + (7 * i + j) % 50 for j in range(9)] for i in range(200)]
+    write_indexed(str(prefix), documents)
+    own = {t for doc in documents for t in doc}
+    cfg = compose_pretrain_config("danube_tiny", [
+        *SMALL_MODEL, f"exp_manager.exp_dir={tmp_path}", "trainer.max_steps=-1",
+        "trainer.limit_val_batches=0", "trainer.limit_test_batches=0",
+        "model.seq_length_stages=[{tokens:1024,encoder_seq_length:32,global_batch_size:16},"
+        f"{{tokens:1024,encoder_seq_length:64,global_batch_size:8,data_prefix:[1.0,{prefix}]}}]"])
+    tokenizer, corpus = build_tokenizer(cfg)
+    recipe = pretraining_recipe(cfg, tokenizer, corpus)
+    tokens = {step: {t for b in data.micro_batches for t in b["tokens"].flatten().tolist()}
+              for step, data in enumerate(recipe.train_steps(0, 4, 0))}
+    assert tokens[2] | tokens[3] <= own  # stage 2: its own blend
+    assert not tokens[0] <= own  # stage 1: the run's (embedded) blend
+    stages = recipe.data_plan["stages"]
+    assert [str(prefix) in str(stage) for stage in stages] == [False, True]
+
+
+def test_the_index_cache_build_waits_for_another_experiment(tmp_path, megatron_world):
+    """Experiments sharing model.data.index_mapping_dir: while another job's rank 0 holds the
+    cache's lock (building), this one waits before building, then builds normally."""
+    import subprocess
+    import sys
+    import time
+
+    from danube.config.compose import compose_pretrain_config
+    from danube.data.gpt import INDEX_LOCK
+    from danube.training.pretrain import build_tokenizer, pretraining_recipe
+    from tests.conftest import SMALL_MODEL
+
+    shared = tmp_path / "shared_index"
+    cfg = compose_pretrain_config("danube_tiny", [
+        *SMALL_MODEL, f"exp_manager.exp_dir={tmp_path}", f"model.data.index_mapping_dir={shared}",
+        "trainer.max_steps=2", "trainer.limit_val_batches=0", "trainer.limit_test_batches=0"])
+    tokenizer, corpus = build_tokenizer(cfg)
+    shared.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fasteners, sys, time\n"
+        f"lock = fasteners.InterProcessLock({str(shared / INDEX_LOCK)!r}); lock.acquire()\n"
+        "print('held', flush=True); time.sleep(3)")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    start = time.monotonic()
+    recipe = pretraining_recipe(cfg, tokenizer, corpus)
+    waited = time.monotonic() - start
+    holder.wait(timeout=30)
+    assert waited > 2, waited  # it could not build while the other held the lock
+    assert list(shared.glob("*.npy")) and next(iter(recipe.train_steps(0, 1, 0))).micro_batches

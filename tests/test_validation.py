@@ -326,3 +326,20 @@ def test_seq_length_stages_are_checked():
     assert any("change the tokens per step" in p for p in found)
     assert any("[1].global_batch_size=6 must be divisible" in p for p in found)
     assert any("trainer.max_steps=16 exceeds the stages' 15 steps" in p for p in found)
+    # A stage's own blend: one list, known embedded sources, files that exist (preflight).
+    _, found = problems("[{tokens:8192,encoder_seq_length:128,global_batch_size:32,"
+                        "data_prefix:{train:[1.0,embedded:code]}},"
+                        "{tokens:8192,encoder_seq_length:256,global_batch_size:16,"
+                        "data_prefix:[1.0,embedded:poetry]}]", "trainer.max_steps=-1")
+    assert any("seq_length_stages[0].data_prefix: a stage takes one blend" in p for p in found)
+    assert any("seq_length_stages[1].data_prefix: unknown embedded source 'embedded:poetry'"
+               in p for p in found)
+    from danube.config.preflight import Machine, preflight
+
+    cfg, found = problems("[{tokens:8192,encoder_seq_length:128,global_batch_size:32},"
+                          "{tokens:8192,encoder_seq_length:256,global_batch_size:16,"
+                          "data_prefix:[1.0,/nowhere/text_document]}]", "trainer.max_steps=-1")
+    assert found == []
+    missing = preflight(cfg, Machine(world_size=1, cuda=False, transformer_engine=False))
+    assert any(p.startswith("model.seq_length_stages[1].data_prefix: /nowhere/text_document.bin")
+               for p in missing), missing

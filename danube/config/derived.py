@@ -122,6 +122,12 @@ def blend_paths(data: DataConfig) -> List[str]:
     return paths
 
 
+def stage_blends(model: ModelConfig) -> List[Tuple[str, list]]:
+    """(config key, blend) of every seq_length_stages entry with its own data_prefix."""
+    return [(f"model.seq_length_stages[{i}].data_prefix", stage.data_prefix)
+            for i, stage in enumerate(model.seq_length_stages) if stage.data_prefix is not None]
+
+
 def padded_vocab_size(tokenizer_vocab: int, model: ModelConfig) -> int:
     """Rows of the embedding and the LM head: the model's vocabulary (`model.vocab_size`, else
     the tokenizer's) rounded up to a multiple of `make_vocab_size_divisible_by`. It depends on

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import List, Optional
 
@@ -21,6 +21,7 @@ from danube.config.derived import (
     EMBEDDED_PREFIX,
     blend_paths,
     padded_vocab_size,
+    stage_blends,
     world_size,
 )
 from danube.config.schema import DPOConfig, PretrainConfig, SFTConfig
@@ -103,18 +104,21 @@ def _check_machine(cfg: PretrainConfig, machine: Machine, problems: List[str]) -
 
 def _check_files(cfg: PretrainConfig, problems: List[str]) -> None:
     m = cfg.model
-    for prefix in blend_paths(m.data):
-        if prefix.startswith(EMBEDDED_PREFIX):
-            continue
-        missing = [ext for ext in (".bin", ".idx") if not Path(prefix + ext).is_file()]
-        if missing:
-            problems.append(f"model.data.data_prefix: {prefix}{' and '.join(missing)} not found; "
-                            "each prefix names a Megatron indexed dataset, the files "
-                            "<prefix>.bin and <prefix>.idx")
-        elif (problem := indexed_dataset_problem(prefix)) is not None:
-            problems.append(f"model.data.data_prefix: {problem}")
-        elif not isinstance(m.data.data_prefix, dict):
-            _check_split_sizes(prefix, m.data.splits_string, problems)
+    blends = [("model.data.data_prefix", m.data)] + [
+        (key, replace(m.data, data_prefix=blend)) for key, blend in stage_blends(m)]
+    for key, data in blends:
+        for prefix in blend_paths(data):
+            if prefix.startswith(EMBEDDED_PREFIX):
+                continue
+            missing = [ext for ext in (".bin", ".idx") if not Path(prefix + ext).is_file()]
+            if missing:
+                problems.append(f"{key}: {prefix}{' and '.join(missing)} not found; each "
+                                "prefix names a Megatron indexed dataset, the files "
+                                "<prefix>.bin and <prefix>.idx")
+            elif (problem := indexed_dataset_problem(prefix)) is not None:
+                problems.append(f"{key}: {problem}")
+            elif not isinstance(data.data_prefix, dict):
+                _check_split_sizes(prefix, data.splits_string, problems)
     _check_tokenizer(m, problems)
 
 

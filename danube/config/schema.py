@@ -102,7 +102,8 @@ class DataConfig:
     seq_length: int = "${model.encoder_seq_length}"  # type: ignore[assignment]
     """Tokens per training sample; must equal model.encoder_seq_length."""
     index_mapping_dir: Optional[str] = None
-    """Where GPTDataset caches its index .npy files; default: <exp_dir>/<name>/index_cache."""
+    """Where GPTDataset caches its index .npy files; default: <exp_dir>/<name>/index_cache.
+    Experiments may share one: each job's rank 0 builds it under a file lock."""
     num_workers: int = 0
     """DataLoader worker processes per rank."""
     reset_position_ids: bool = False
@@ -189,6 +190,9 @@ class SeqLengthStage:
     """Sequences per step in this stage (tokens per step must be the same in every stage)."""
     micro_batch_size: Optional[int] = None
     """Sequences per forward/backward pass in this stage; default model.micro_batch_size."""
+    data_prefix: Any = None
+    """This stage's blend instead of the run's, as model.data.data_prefix's list form
+    ([w1, prefix1, ...]), split by model.data.splits_string; null = the run's blend."""
 
 
 @dataclass

@@ -7,6 +7,7 @@ Launch-time checks (files, TE/CUDA, world size) are in `danube.config.preflight`
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import List
 
 from danube.config.derived import (
@@ -18,6 +19,7 @@ from danube.config.derived import (
     normalized_precision,
     parse_blend,
     schedule_default_horizon,
+    stage_blends,
     stage_steps,
     world_size,
 )
@@ -462,6 +464,19 @@ def _check_stages(cfg, problems: List[str]) -> None:
             problems.append(f"{key}.global_batch_size={stage.global_batch_size} must be "
                             f"divisible by its micro_batch_size x data-parallel size "
                             f"({micro} x {dp}); set {key}.micro_batch_size")
+    for key, blend in stage_blends(m):
+        if isinstance(blend, dict):
+            problems.append(f"{key}: a stage takes one blend ([w1, prefix1, ...]) split by "
+                            "model.data.splits_string, not per-split entries")
+            continue
+        _, _, errors = parse_blend(blend)
+        problems.extend(f"{key}: {e}" for e in errors)
+        unknown = [p for p in blend_paths(replace(m.data, data_prefix=blend))
+                   if p.startswith(EMBEDDED_PREFIX)
+                   and p[len(EMBEDDED_PREFIX):] not in EMBEDDED_SOURCES]
+        if unknown:
+            problems.append(f"{key}: unknown embedded source {unknown[0]!r}; use "
+                            f"{' or '.join(EMBEDDED_PREFIX + s for s in EMBEDDED_SOURCES)}")
     longest = max(s.encoder_seq_length for s in stages)
     if longest != m.encoder_seq_length:
         problems.append(f"model.encoder_seq_length={m.encoder_seq_length} must be the longest "

@@ -8,10 +8,12 @@ batches an uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple
 
+import fasteners
 import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
@@ -67,14 +69,32 @@ def gpt_dataset_config(
     )
 
 
+INDEX_LOCK = ".danube-index.lock"
+
+
+@contextlib.contextmanager
+def index_cache_lock(cache_dir: str) -> Iterator[None]:
+    """Held by each job's rank 0 while megatron-core builds: it writes the index .npy files
+    one by one, not atomically, so two experiments sharing `model.data.index_mapping_dir`
+    could each find some missing and write them at once (or read a half-written one). The
+    other ranks wait in megatron's barrier inside the build and take no lock."""
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        yield
+        return
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    with fasteners.InterProcessLock(str(Path(cache_dir) / INDEX_LOCK)):
+        yield
+
+
 def build_gpt_datasets(config: GPTDatasetConfig, sizes: List[int]) -> List[Optional[GPTDataset]]:
     """[train, validation, test] datasets with at least `sizes` samples (None: empty split).
-    Collective: every rank calls it (rank 0 writes the index cache first)."""
+    Collective: every rank calls it (rank 0 writes the index cache first, under the lock)."""
     # A weighted blend needs a size for every split; an unused split gets a token one.
     builder = BlendedMegatronDatasetBuilder(
         GPTDataset, [max(size, 1) for size in sizes], lambda: True, config
     )
-    datasets = builder.build()
+    with index_cache_lock(config.path_to_cache):
+        datasets = builder.build()
     return [ds if size > 0 else None for ds, size in zip(datasets, sizes)]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Any, Iterator, List, Optional
 
 from megatron.core import parallel_state
 
@@ -66,6 +66,8 @@ class Stage:
     first_sample: int
     """Training samples of the stages before (where this stage's consumed count starts)."""
     micro_batch_size: int
+    data_prefix: Any = None
+    """The stage's own blend, or None for the run's."""
 
 
 def stages_of(cfg: PretrainConfig) -> List[Stage]:
@@ -77,7 +79,8 @@ def stages_of(cfg: PretrainConfig) -> List[Stage]:
     stages, step, sample = [], 0, 0
     for spec, steps in zip(m.seq_length_stages, stage_steps(m)):
         stages.append(Stage(step, steps, spec.encoder_seq_length, spec.global_batch_size,
-                            sample, spec.micro_batch_size or m.micro_batch_size))
+                            sample, spec.micro_batch_size or m.micro_batch_size,
+                            spec.data_prefix))
         step, sample = step + steps, sample + steps * spec.global_batch_size
     return stages
 
@@ -91,8 +94,9 @@ def pretraining_recipe(cfg: PretrainConfig, tokenizer, corpus_dir) -> Recipe:
     cache_dir = Path(m.data.index_mapping_dir or exp_dir(cfg.exp_manager) / "index_cache")
     stages = stages_of(cfg)
     datasets = [build_gpt_datasets(
-        gpt_dataset_config(replace(m.data, seq_length=st.seq_length), tokenizer, m.seed,
-                           cache_dir, corpus_dir),
+        gpt_dataset_config(replace(m.data, seq_length=st.seq_length,
+                                   data_prefix=st.data_prefix or m.data.data_prefix),
+                           tokenizer, m.seed, cache_dir, corpus_dir),
         [st.steps * st.global_batch_size, t.limit_val_batches * st.global_batch_size,
          t.limit_test_batches * st.global_batch_size]) for st in stages]
     dp_rank = parallel_state.get_data_parallel_rank()

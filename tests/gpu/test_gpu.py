@@ -171,12 +171,8 @@ def test_an_hf_import_loads_and_trains_on_gpu(tmp_path):
     """An imported HF Mistral (conversion/hf_to_mcore.py) on the GPU: its logits equal the
     HF model's (fp32), and pretraining continues from it (`restore_from_path`, the import's
     own config.yaml) on the GPU."""
-    import numpy as np
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    from danube.data.tokenizer import load_tokenizer
     from danube.inference.model import open_checkpoint
-    from tests.test_conversion import convert, hf_logits, make_hf
+    from tests.test_conversion import convert, hf_logits, make_hf, write_imported_corpus
 
     hf = make_hf(tmp_path / "hf", "mistral")
     convert("hf_to_mcore.py", hf, tmp_path / "ours")
@@ -185,13 +181,7 @@ def test_an_hf_import_loads_and_trains_on_gpu(tmp_path):
         ours = model.logits(tokens).float().cpu()
     expected = hf_logits(hf, tokens)
     torch.testing.assert_close(ours[..., :expected.shape[-1]], expected, rtol=1e-4, atol=1e-4)
-
-    tok = load_tokenizer(tmp_path / "ours" / "tokenizer")
-    builder = IndexedDatasetBuilder(str(tmp_path / "text.bin"), dtype=np.uint16)
-    for i in range(200):
-        ids = tok.tokenize(f"def f{i}(x):\n    return x + {i}  # the quick brown fox") + [tok.eod]
-        builder.add_document(ids, [len(ids)])
-    builder.finalize(str(tmp_path / "text.idx"))
+    write_imported_corpus(tmp_path / "ours", tmp_path / "text")
     run = run_pretrain([
         "--config-path", str(tmp_path / "ours"), "--config-name", "config",
         f"model.data.data_prefix=[{tmp_path / 'text'}]", "model.encoder_seq_length=32",
