@@ -94,6 +94,19 @@ def blend_with_a_small_source(tmp_path: Path) -> str:
     return f"model.data.data_prefix=[0.5,embedded:prose,0.5,{prefix}]"
 
 
+def saved_weights(checkpoint: Path) -> dict:
+    """A dist_checkpointing checkpoint's model tensors, read without a process group."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    flat = checkpoint.parent / f"{checkpoint.name}.pt"
+    dcp_to_torch_save(str(checkpoint), str(flat))
+    state = torch.load(flat, weights_only=False)
+    flat.unlink()
+    return {k: v for k, v in state.items()
+            if k.startswith(("embedding.", "decoder.", "output_layer.")) and torch.is_tensor(v)}
+
+
 def read_metrics(exp_dir: Path) -> List[dict]:
     path = exp_dir / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -119,19 +119,6 @@ def test_resume_reshards_across_layouts(tmp_path, init_checkpoint, reference, re
                 step
 
 
-def _saved_weights(checkpoint) -> dict:
-    """A dist_checkpointing checkpoint's model tensors (no process group needed)."""
-    import torch
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    flat = checkpoint.parent / f"{checkpoint.name}.pt"
-    dcp_to_torch_save(str(checkpoint), str(flat))
-    state = torch.load(flat, weights_only=False)
-    flat.unlink()
-    return {k: v for k, v in state.items()
-            if k.startswith(("embedding.", "decoder.", "output_layer.")) and torch.is_tensor(v)}
-
-
 def test_overlapped_weight_gather_is_complete_in_checkpoints(tmp_path, init_checkpoint,
                                                               dp2_distributed_straight):
     """With the distributed optimizer the updated weights' all-gather is overlapped with the
@@ -141,13 +128,13 @@ def test_overlapped_weight_gather_is_complete_in_checkpoints(tmp_path, init_chec
     since the optimizer's own fp32 copy overwrites the model weights on load)."""
     import torch
 
-    from tests.conftest import dp2_distributed_args
+    from tests.conftest import dp2_distributed_args, saved_weights
 
     run_pretrain([*dp2_distributed_args(tmp_path, init_checkpoint), "trainer.max_steps=2",
                   "model.optim.overlap_param_sync=false", "exp_manager.name=plain"], nproc=2)
     assert "overlap_param_sync: true" in (dp2_distributed_straight / "config.yaml").read_text()
-    overlapped = _saved_weights(dp2_distributed_straight / "checkpoints" / "step_00000002")
-    plain = _saved_weights(tmp_path / "plain" / "checkpoints" / "step_00000002")
+    overlapped = saved_weights(dp2_distributed_straight / "checkpoints" / "step_00000002")
+    plain = saved_weights(tmp_path / "plain" / "checkpoints" / "step_00000002")
     assert overlapped.keys() == plain.keys() and len(plain) > 5
     for name, weight in plain.items():
         assert torch.equal(overlapped[name], weight), name

@@ -40,7 +40,7 @@ from danube.paths import (
     latest_checkpoint,
     read_meta,
 )
-from danube.runtime import launch_info, transformer_engine_available
+from danube.runtime import launch_info, resolve_precision, transformer_engine_available
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,13 @@ def _check_machine(cfg: PretrainConfig, machine: Machine, problems: List[str]) -
         problems.append("model.peft.peft_scheme=lora wraps megatron's local linears; with "
                         "Transformer Engine layers (fused norm + linear) it is not wired yet: "
                         "set model.transformer_engine=false")
+    cuda = machine.cuda and cfg.trainer.accelerator != "cpu"
+    if (cfg.trainer.nan_policy == "skip"
+            and resolve_precision(cfg.trainer.precision, cuda).precision == "32"):
+        problems.append("trainer.nan_policy=skip runs under bf16 (megatron skips an update "
+                        "through its grad scaler's found-inf check, which fp32 training has "
+                        "not), but this run trains in fp32: set trainer.precision=bf16-mixed, "
+                        "or trainer.nan_policy=stop")
     if m.attention_backend == "flex" and (not machine.cuda or cfg.trainer.accelerator == "cpu"):
         problems.append("model.attention_backend=flex trains on a CUDA GPU only (torch's "
                         "FlexAttention has no backward pass on a CPU): use auto or sdpa here")

@@ -41,9 +41,11 @@ class TrainerConfig:
     before the next step would pass it; running again resumes. SIGTERM/SIGUSR1 do the same at
     the next step boundary (preemption, a SLURM time limit's warning signal)."""
     nan_policy: str = "stop"
-    """What a non-finite loss or gradient norm does: stop (the run ends before anything of
-    that step is checkpointed, exit code 3, naming the step and the last good checkpoint).
-    (skip, megatron-style skipped updates: not yet.)"""
+    """What a non-finite loss or gradient does: stop (the run ends before anything of that
+    step is checkpointed, exit code 3, naming the step and the last good checkpoint) | skip
+    (that step's update is not applied, weights and Adam state stay as they were, the step
+    is logged as skipped and the run goes on: megatron's found-inf check, through a unit
+    grad scaler; bf16 only)."""
 
 
 @dataclass

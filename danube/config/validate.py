@@ -83,7 +83,7 @@ def _check_trainer(cfg: PretrainConfig, problems: List[str]) -> None:
     if not cfg.exp_manager.name or "/" in cfg.exp_manager.name:
         problems.append(f"exp_manager.name={cfg.exp_manager.name!r} must be a non-empty "
                         "directory name without '/'")
-    _check_choice(problems, "trainer.nan_policy", cfg.trainer.nan_policy, ("stop",))
+    _check_choice(problems, "trainer.nan_policy", cfg.trainer.nan_policy, ("stop", "skip"))
     from danube.config.derived import parse_max_time
 
     try:

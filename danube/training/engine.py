@@ -81,9 +81,14 @@ def params_synced(model: List) -> Iterator[None]:
 
 
 def build_optimizer(
-    optim: OptimConfig, clip_grad: float, config: TransformerConfig, model: List
+    optim: OptimConfig, clip_grad: float, config: TransformerConfig, model: List,
+    skip_non_finite: bool = False,
 ) -> MegatronOptimizer:
-    """AdamW (decoupled decay, none on biases and norms) with fp32 main weights under bf16."""
+    """AdamW (decoupled decay, none on biases and norms) with fp32 main weights under bf16.
+    `skip_non_finite` (bf16): a constant grad scaler of 1 (the loss times 1, the gradients
+    unscaled by 1: the same bits) gives megatron's mixed-precision optimizer its found-inf
+    check, all-reduced over the model-parallel group: a step with a non-finite gradient
+    returns (False, None, None) and updates nothing (trainer.nan_policy=skip)."""
     optimizer_config = OptimizerConfig(
         optimizer="adam",
         lr=optim.lr,
@@ -96,6 +101,7 @@ def build_optimizer(
         bf16=config.bf16,
         params_dtype=config.params_dtype,
         use_distributed_optimizer=uses_distributed_optimizer(optim),
+        loss_scale=1.0 if skip_non_finite and config.bf16 else None,
     )
     optimizer = get_megatron_optimizer(optimizer_config, model)
     config.grad_scale_func = optimizer.scale_loss

@@ -165,7 +165,8 @@ def build_trainer(cfg, tokenizer, vocab_size: int, per_token_loss: bool = False)
     model = wrap_for_training(
         chunks, config, m.optim,
         parallel_state.get_data_parallel_world_size(with_context_parallel=True))
-    optimizer = build_optimizer(m.optim, cfg.trainer.gradient_clip_val, config, model)
+    optimizer = build_optimizer(m.optim, cfg.trainer.gradient_clip_val, config, model,
+                                skip_non_finite=cfg.trainer.nan_policy == "skip")
     scheduler = build_scheduler(m.optim, schedule_default_horizon(cfg), optimizer)
     log = MetricsLogger(exp_dir(cfg.exp_manager), cfg.exp_manager.create_tensorboard_logger,
                         cfg.trainer.max_steps, enabled=is_rank0())
@@ -294,6 +295,23 @@ class Diverged(RuntimeError):
     """A non-finite loss or gradient norm (trainer.nan_policy=stop)."""
 
 
+# Fault injection for tests of the divergence handling (Megatron-LM's rerun state machine has
+# its own): comma-separated steps whose loss is made NaN.
+INJECT_NAN_ENV = "DANUBE_INJECT_NAN_AT_STEPS"
+
+
+def _injected_nan_steps() -> set:
+    return {int(s) for s in os.environ.get(INJECT_NAN_ENV, "").split(",") if s.strip()}
+
+
+def _nan_loss(loss_fn):
+    def poisoned(raw, batch, output):
+        loss, count, report = loss_fn(raw, batch, output)
+        nan = float("nan")
+        return loss * nan, count, {name: value * nan for name, value in report.items()}
+    return poisoned
+
+
 def _stop_if_diverged(trainer: Trainer, loss: Optional[float], norm: Optional[float]) -> None:
     """Every rank sees the same all-reduced loss and global norm, so all stop together,
     before this step can be checkpointed (its update already used the bad gradients). A
@@ -327,11 +345,13 @@ def _train_loop(trainer: Trainer, stops: StopRequests) -> None:
     steps = recipe.train_steps(trainer.step, t.max_steps, trainer.consumed_samples)
     trainer.log.start(trainer.step)
     window_time, window_tokens = 0.0, 0  # training time only: not validation, not saving
+    poisoned = _injected_nan_steps()
     while trainer.step < t.max_steps:
         step_start = time.perf_counter()
         data = next(steps)
+        loss_fn = _nan_loss(recipe.loss_fn) if trainer.step + 1 in poisoned else recipe.loss_fn
         totals, lr, grad_norm = train_step(trainer.model, trainer.optimizer, trainer.scheduler,
-                                           data.micro_batches, trainer.device, recipe.loss_fn,
+                                           data.micro_batches, trainer.device, loss_fn,
                                            recipe.metric_names)
         trainer.step += 1
         last = trainer.step == t.max_steps
@@ -344,7 +364,12 @@ def _train_loop(trainer: Trainer, stops: StopRequests) -> None:
         if logged or first_check or norm is None:
             metrics = {**recipe.metrics(report_means(totals, recipe.metric_names)),
                        **data.counts}
-        _stop_if_diverged(trainer, None if metrics is None else metrics["loss"], norm)
+        # With a grad scaler (nan_policy=skip) megatron returns no norm only for a skipped step.
+        if t.nan_policy == "skip" and grad_norm is None:
+            trainer.log.info(f"step {trainer.step}: non-finite gradients (loss "
+                             f"{metrics['loss']}): update skipped (trainer.nan_policy=skip)")
+        else:
+            _stop_if_diverged(trainer, None if metrics is None else metrics["loss"], norm)
         if first_check:
             recipe.check_first_step(metrics)
         trainer.consumed_samples += data.samples
