@@ -28,22 +28,31 @@ def test_acceptance_plan_names_every_stage_and_each_bench_config_validates():
     """Every stage of issue 14's acceptance run is planned; each throughput/knob stage's
     configuration (danube_1.8b's architecture on the embedded data) passes validation, so
     the first GPU session does not discover a config error after starting a machine."""
+    import importlib.util
+    from argparse import Namespace
+    from pathlib import Path
+
     from danube.config.compose import compose_pretrain_config
     from danube.config.validate import validate
 
-    run = _acceptance("--plan", "--knobs")
-    assert run.returncode == 0, run.stderr
-    names = [line.split()[0] for line in run.stdout.splitlines()]
+    spec = importlib.util.spec_from_file_location("acceptance", ROOT / "bench/gpu_acceptance.py")
+    acceptance = importlib.util.module_from_spec(spec)
+    sys.modules["acceptance"] = acceptance  # its dataclasses look their module up
+    spec.loader.exec_module(acceptance)
+    stages = acceptance.plan(Namespace(skip_cpu_suite=False, seq=[2048, 8192, 16384],
+                                       knobs=True), Path("/tmp/plan"), 989.0)
+    names = [stage.name for stage in stages]
     assert names[:3] == ["environment", "cpu-suite", "gpu-suite"]
     assert {"te-bf16", "te-fp8", "throughput-2048", "throughput-8192",
             "throughput-16384", "knob-flex-attention-off"} <= set(names)
     sys.path.insert(0, str(ROOT / "bench"))
     from throughput import architecture_overrides
 
-    for line in run.stdout.splitlines():
-        if "bench/throughput.py" not in line:
+    for stage in stages:
+        if "bench/throughput.py" not in stage.command:
             continue
-        overrides = [w for w in line.split() if "=" in w and w.split("=")[0].startswith(
+        line = " ".join(stage.command)
+        overrides = [w for w in stage.command if "=" in w and w.split("=")[0].startswith(
             ("model.", "trainer."))]
         cfg = compose_pretrain_config("danube_tiny",
                                       [*architecture_overrides("danube_1.8b"), *overrides])

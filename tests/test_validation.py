@@ -343,3 +343,16 @@ def test_seq_length_stages_are_checked():
     missing = preflight(cfg, Machine(world_size=1, cuda=False, transformer_engine=False))
     assert any(p.startswith("model.seq_length_stages[1].data_prefix: /nowhere/text_document.bin")
                for p in missing), missing
+
+
+def test_nan_policy_skip_is_refused_under_fp32():
+    """skip is megatron's grad-scaler check, which only the bf16 optimizer has."""
+    from danube.config.preflight import Machine, preflight
+
+    machine = Machine(world_size=1, cuda=False, transformer_engine=False)
+    fp32 = compose_pretrain_config("danube_tiny", ["trainer.nan_policy=skip",
+                                                   "trainer.precision=32"])
+    assert any("nan_policy=skip runs under bf16" in p for p in preflight(fp32, machine))
+    bf16 = compose_pretrain_config("danube_tiny", ["trainer.nan_policy=skip",
+                                                   "trainer.precision=bf16-mixed"])
+    assert not any("nan_policy" in p for p in preflight(bf16, machine))

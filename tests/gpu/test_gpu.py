@@ -196,6 +196,7 @@ def test_packed_sft_equals_unpacked_on_gpu(tmp_path):
     present) vs one conversation per row: the same losses within bf16 rounding."""
     init = tmp_path / "init"
     run_pretrain([*GPU_MODEL, *QUIET, "trainer.accelerator=gpu", "trainer.max_steps=0",
+                  "model.optim.sched.max_steps=10", "model.optim.sched.warmup_steps=2",
                   f"exp_manager.exp_dir={init}", "exp_manager.name=init"])
     start = init / "init" / "checkpoints" / "step_00000000"
     records = {}
@@ -204,6 +205,7 @@ def test_packed_sft_equals_unpacked_on_gpu(tmp_path):
         run_sft([f"model.restore_from_path={start}", "model.encoder_seq_length=128",
                  "model.global_batch_size=8", "model.micro_batch_size=4",
                  "trainer.max_epochs=null", "trainer.max_steps=4", *QUIET,
+                 "model.optim.sched.warmup_steps=1", "model.optim.sched.max_steps=10",
                  "trainer.accelerator=gpu", "trainer.precision=bf16-mixed",
                  f"model.data.train_ds.packed_sequence={str(packed).lower()}",
                  f"exp_manager.exp_dir={tmp_path}", f"exp_manager.name={name}"])
@@ -220,7 +222,8 @@ def test_kv_cached_generation_equals_recompute_on_gpu(tmp_path):
     from danube.inference.model import open_checkpoint
 
     run_pretrain([*SMALL_MODEL, *QUIET, "trainer.accelerator=gpu", "trainer.max_steps=3",
-                  f"exp_manager.exp_dir={tmp_path}", "exp_manager.name=gen"])
+                  "model.optim.sched.warmup_steps=1", f"exp_manager.exp_dir={tmp_path}",
+                  "exp_manager.name=gen"])
     with open_checkpoint(tmp_path / "gen", "32", accelerator="gpu") as model:
         prompt = model.tokenizer.tokenize("def f(x):")
         steps = 60 - len(prompt)
