@@ -73,7 +73,8 @@ def _check_machine(cfg: PretrainConfig, machine: Machine, problems: List[str]) -
     if cfg.trainer.accelerator == "gpu" and not machine.cuda:
         problems.append("trainer.accelerator=gpu but no CUDA device is visible; use "
                         "trainer.accelerator=auto or cpu")
-    gpu_te = machine.cuda and machine.transformer_engine and cfg.trainer.accelerator != "cpu"
+    cuda = machine.cuda and cfg.trainer.accelerator != "cpu"  # this run trains on a GPU
+    gpu_te = cuda and machine.transformer_engine
     if m.fp8 and not gpu_te:
         missing = "no CUDA GPU" if not machine.cuda else "Transformer Engine is not installed"
         problems.append(f"model.fp8=true needs Transformer Engine on a CUDA GPU (Hopper or "
@@ -91,14 +92,13 @@ def _check_machine(cfg: PretrainConfig, machine: Machine, problems: List[str]) -
         problems.append("model.peft.peft_scheme=lora wraps megatron's local linears; with "
                         "Transformer Engine layers (fused norm + linear) it is not wired yet: "
                         "set model.transformer_engine=false")
-    cuda = machine.cuda and cfg.trainer.accelerator != "cpu"
     if (cfg.trainer.nan_policy == "skip"
             and resolve_precision(cfg.trainer.precision, cuda).precision == "32"):
         problems.append("trainer.nan_policy=skip runs under bf16 (megatron skips an update "
                         "through its grad scaler's found-inf check, which fp32 training has "
                         "not), but this run trains in fp32: set trainer.precision=bf16-mixed, "
                         "or trainer.nan_policy=stop")
-    if m.attention_backend == "flex" and (not machine.cuda or cfg.trainer.accelerator == "cpu"):
+    if m.attention_backend == "flex" and not cuda:
         problems.append("model.attention_backend=flex trains on a CUDA GPU only (torch's "
                         "FlexAttention has no backward pass on a CPU): use auto or sdpa here")
     if m.attention_backend in ("flash", "fused", "unfused") and not gpu_te:
