@@ -12,6 +12,8 @@ from typing import List
 
 import pytest
 
+from tests.helpers import warm
+
 # The suite is the CPU path: on a GPU host it hides the GPUs (before anything imports torch or
 # asks CUDA), from this process and from every launcher it starts, and so serves as a CPU
 # smoke test there too. DANUBE_GPU_TESTS=1 leaves them visible for the GPU suite
@@ -21,6 +23,10 @@ if not GPU_TESTS:
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 ROOT = Path(__file__).resolve().parents[1]
+# Launches fork from a server that has imported the stack once (tests/helpers/warm.py);
+# DANUBE_TEST_COLD=1 starts each as its own interpreter (torchrun for nproc > 1) instead.
+# The GPU suite always launches cold (nothing CUDA-related may precede a fork there).
+WARM = os.environ.get("DANUBE_TEST_COLD") != "1" and not GPU_TESTS
 LAUNCHER = ROOT / "launchers" / "pretrain.py"
 SFT_LAUNCHER = ROOT / "launchers" / "sft.py"
 
@@ -44,25 +50,41 @@ def free_port() -> int:
 
 
 def run_pretrain(overrides: List[str], nproc: int = 1, check: bool = True,
-                 timeout: int = 600, launcher: Path = LAUNCHER) -> subprocess.CompletedProcess:
-    """Run launchers/pretrain.py (or another launcher) as a user would (torchrun for
-    nproc > 1)."""
+                 timeout: int = 600, launcher: Path = LAUNCHER,
+                 cold: bool = False) -> subprocess.CompletedProcess:
+    """Run launchers/pretrain.py (or another launcher) as a user would: warm (forked from
+    the preloaded server, one process per rank with torchrun's variables) unless `cold` or
+    DANUBE_TEST_COLD=1, then its own interpreter (torchrun for nproc > 1)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1" if nproc > 1 else "2"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
+    port = free_port()
+    args = list(overrides) if nproc == 1 else [f"trainer.devices={nproc}", *overrides]
     if nproc == 1:
-        cmd = [sys.executable, str(launcher), *overrides]
+        cmd = [sys.executable, str(launcher), *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={free_port()}", str(launcher), f"trainer.devices={nproc}",
-               *overrides]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout,
-                            cwd=ROOT)
+               f"--master_port={port}", str(launcher), *args]
+    if WARM and not cold:
+        result = warm.run(str(launcher), args, env, str(ROOT), nproc, port, timeout, cmd)
+    else:
+        result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout,
+                                cwd=ROOT)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {result.returncode}\n"
                              f"--- stdout ---\n{result.stdout[-4000:]}\n"
                              f"--- stderr ---\n{result.stderr[-8000:]}")
     return result
+
+
+def run_script(script: Path, args: List[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python <script> <args>` from the repository root (warm like run_pretrain); not
+    checked."""
+    cmd = [sys.executable, str(script), *args]
+    if WARM:
+        return warm.run(str(script), list(args), dict(os.environ), str(ROOT), 1, 0, timeout,
+                        cmd)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
 def run_sft(overrides: List[str], nproc: int = 1, check: bool = True,
@@ -190,8 +212,18 @@ def dp2_distributed_args(exp_dir: Path, init: Path) -> List[str]:
 @pytest.fixture(scope="session")
 def dp2_distributed_straight(tmp_path_factory, init_checkpoint) -> Path:
     """An uninterrupted 2-process run (torchrun) with the distributed optimizer: the
-    reference of the resume tests that stop and continue the same run (its exp dir)."""
+    reference of the resume tests that stop and continue the same run (its exp dir, with
+    the run's console output in stdout.txt). Its checkpoints are written in the background
+    (async_save): the resume tests start from them. Launched cold, with torchrun: the
+    suite's one torchrun launch, and what the warm launches (the resumed runs) must
+    reproduce bit for bit."""
     exp = tmp_path_factory.mktemp("dp2_distributed")
-    run_pretrain([*dp2_distributed_args(exp, init_checkpoint), "exp_manager.name=straight"],
-                 nproc=2)
+    run = run_pretrain([*dp2_distributed_args(exp, init_checkpoint), "exp_manager.name=straight",
+                        "exp_manager.checkpoint_callback_params.async_save=true"], nproc=2,
+                       cold=True)
+    (exp / "straight" / "stdout.txt").write_text(run.stdout)
     return exp / "straight"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    warm.stop_server()

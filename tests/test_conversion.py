@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import QUIET, ROOT, SMALL_MODEL, free_port, run_pretrain
+from tests.conftest import QUIET, ROOT, SMALL_MODEL, free_port, run_pretrain, run_script
 
 SEQ = 24  # longer than the window below
 
@@ -43,8 +43,7 @@ def make_hf(path: Path, family: str, **shape) -> Path:
 
 
 def convert(script: str, *args, check=True) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, f"conversion/{script}", *map(str, args)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = run_script(ROOT / "conversion" / script, [str(a) for a in args])
     if check and result.returncode != 0:
         raise AssertionError(result.stderr[-4000:])
     return result

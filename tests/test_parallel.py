@@ -76,7 +76,10 @@ def test_distributed_optimizer_resume_is_exact(tmp_path, init_checkpoint,
     """megatron-core's distributed optimizer on torch's AdamW restores Adam's step wrongly;
     we restore it. The straight run's step-2 checkpoint, resumed in another experiment to the
     end, gives the straight run's losses bit for bit over the many steps after the resume
-    (one would not show it)."""
+    (one would not show it). That checkpoint was written in the background
+    (exp_manager.checkpoint_callback_params.async_save: training went on before it was
+    committed), so this is also the test that an asynchronous save holds the whole state of
+    its step: sharded weights and optimizer, schedule, RNG, consumed samples."""
     import shutil
 
     from tests.conftest import DP2_DISTRIBUTED_STEPS, dp2_distributed_args
@@ -88,6 +91,13 @@ def test_distributed_optimizer_resume_is_exact(tmp_path, init_checkpoint,
     run = run_pretrain([*dp2_distributed_args(tmp_path, init_checkpoint),
                         "exp_manager.name=resumed"], nproc=2)
     assert "(step 2)" in run.stdout
+    console = (dp2_distributed_straight / "stdout.txt").read_text().splitlines()
+    written = next(i for i, line in enumerate(console) if line.startswith(
+        "step 2: writing checkpoint step_00000002 in the background"))
+    committed = next(i for i, line in enumerate(console) if line.startswith("saved checkpoint")
+                     and "step_00000002 (written in the background)" in line)
+    assert console[written + 1].startswith("step 3/"), console[written:committed + 1]
+    assert committed > written + 1  # committed at a later step boundary: step 3 ran meanwhile
     straight = train_losses(dp2_distributed_straight)
     resumed = train_losses(tmp_path / "resumed")
     assert list(straight) == list(range(1, DP2_DISTRIBUTED_STEPS + 1))

@@ -164,7 +164,9 @@ def test_a_skipped_update_leaves_the_weights_and_the_run_goes_on(tmp_path, monke
     """trainer.nan_policy=skip (bf16): the step whose loss is made NaN (fault injection,
     DANUBE_INJECT_NAN_AT_STEPS) applies no update: its checkpoint holds the weights of the
     step before, bit for bit; the next step updates again and the run finishes (fp32's
-    refusal: tests/test_validation.py)."""
+    refusal: tests/test_validation.py). Continued with two NaN steps in a row and
+    trainer.max_consecutive_skips=2, it stops as a divergence does (exit 3), the second
+    skipped step not checkpointed."""
     import math
 
     import torch
@@ -185,6 +187,14 @@ def test_a_skipped_update_leaves_the_weights_and_the_run_goes_on(tmp_path, monke
                for step in (1, 2, 3)}
     assert all(torch.equal(weights[2][k], weights[1][k]) for k in weights[1])
     assert any(not torch.equal(weights[3][k], weights[2][k]) for k in weights[2])
+    monkeypatch.setenv("DANUBE_INJECT_NAN_AT_STEPS", "5,6")
+    bounded = run_pretrain([*args, "trainer.max_steps=8", "trainer.max_consecutive_skips=2"],
+                           check=False)
+    assert bounded.returncode == 3, bounded.stderr[-2000:]
+    assert "step 5: non-finite gradients" in bounded.stdout
+    assert "step 6: 2 steps in a row had non-finite gradients" in bounded.stderr
+    assert sorted(p.name for p in (tmp_path / "skip" / "checkpoints").iterdir()) == [
+        "step_00000003", "step_00000004", "step_00000005"]
 
 
 def test_max_time_saves_and_exits_75(tmp_path):

@@ -46,6 +46,10 @@ class TrainerConfig:
     (that step's update is not applied, weights and Adam state stay as they were, the step
     is logged as skipped and the run goes on: megatron's found-inf check, through a unit
     grad scaler; bf16 only)."""
+    max_consecutive_skips: Optional[int] = 10
+    """With nan_policy=skip: this many skipped steps in a row end the run as `stop` does
+    (exit code 3, before the last of them is checkpointed): a run that only skips has
+    diverged. null: no bound (megatron's behaviour). Counted within a launch."""
 
 
 @dataclass
@@ -58,6 +62,10 @@ class CheckpointCallbackParams:
     """step (keep the newest) | val_loss (keep the lowest validation loss)."""
     save_last: bool = True
     """Save a checkpoint when training ends."""
+    async_save: bool = False
+    """Write checkpoints in the background (megatron-core's asynchronous torch_dist save):
+    training goes on while a writer process writes the files; the checkpoint is committed at a
+    later step boundary. The save before a stop (signal, max_time) and the last one wait."""
 
 
 @dataclass

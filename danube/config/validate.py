@@ -84,6 +84,9 @@ def _check_trainer(cfg: PretrainConfig, problems: List[str]) -> None:
         problems.append(f"exp_manager.name={cfg.exp_manager.name!r} must be a non-empty "
                         "directory name without '/'")
     _check_choice(problems, "trainer.nan_policy", cfg.trainer.nan_policy, ("stop", "skip"))
+    if cfg.trainer.max_consecutive_skips is not None and cfg.trainer.max_consecutive_skips < 1:
+        problems.append(f"trainer.max_consecutive_skips={cfg.trainer.max_consecutive_skips} "
+                        "must be >= 1, or null for no bound")
     from danube.config.derived import parse_max_time
 
     try:

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import random
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import List
 
@@ -26,6 +28,7 @@ import numpy as np
 import torch
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
 from megatron.core.utils import unwrap_model
@@ -129,14 +132,40 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
+@contextmanager
+def _write_results_in_process():
+    """A synchronous save keeps the torch_dist writer's results in this process.
+
+    megatron-core's writer returns them through a queue of a `multiprocessing.Manager` it
+    starts with the spawn method (made for asynchronous saves, whose writer is another
+    process): a fresh interpreter that imports torch to unpickle the first result, 2.6 s of
+    every launch that saves (measured, 2-core AMD EPYC). A synchronous save writes from this
+    process, so a plain queue serves. Reads megatron's module global (AttributeError, so every
+    checkpoint test fails, if it is renamed)."""
+    previous = filesystem_async._results_queue
+    filesystem_async._results_queue = queue.Queue()
+    try:
+        yield
+    finally:
+        filesystem_async._results_queue = previous
+
+
 def save_checkpoint(
     path: Path, model: List, meta: CheckpointMeta, config_yaml: str, tokenizer=None,
     optimizer=None, scheduler=None, distributed_optimizer: bool = False, sharded_strategy=None,
-) -> Path:
+    async_save: bool = False,
+):
     """Collective. Writes the checkpoint directory `path` atomically: into a `.tmp-` sibling
     first, renamed into place once complete. Without an optimizer it holds the weights only
     (a conversion from Hugging Face, whose `sharded_strategy` produces them on demand); the
-    tokenizer files go beside the weights."""
+    tokenizer files go beside the weights. Returns `path`.
+
+    With `async_save` (megatron-core's asynchronous torch_dist save) it returns at once an
+    `AsyncRequest` instead: the tensors are staged to host memory (a forked writer's copy of
+    this process on a CPU), a writer process writes them, and the request's finalize functions,
+    run on every rank by `AsyncCallsQueue.maybe_finalize_async_calls`, write the metadata and
+    commit the directory exactly as a synchronous save does. Until then the checkpoint is only
+    a `.tmp-` directory, which nothing loads."""
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
     if torch.distributed.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # a save killed earlier
@@ -149,17 +178,27 @@ def save_checkpoint(
                                                           metadata=metadata)
         state["scheduler"] = scheduler.state_dict()
         state["rng_state"] = _rng_state()
-    dist_checkpointing.save(state, str(tmp), sharded_strategy=sharded_strategy)
-    _barrier()
-    if torch.distributed.get_rank() == 0:
-        meta.saved_at = time.time()
-        meta.optimizer_sharding = metadata.get("distrib_optim_sharding_type")
-        (tmp / CONFIG_FILE).write_text(config_yaml)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
-        _write_durably(tmp / META_FILE, json.dumps(meta.__dict__, indent=2))
-        _commit(tmp, path)
-    _barrier()
+    meta.optimizer_sharding = metadata.get("distrib_optim_sharding_type")
+
+    def commit() -> None:
+        _barrier()
+        if torch.distributed.get_rank() == 0:
+            meta.saved_at = time.time()
+            (tmp / CONFIG_FILE).write_text(config_yaml)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
+            _write_durably(tmp / META_FILE, json.dumps(meta.__dict__, indent=2))
+            _commit(tmp, path)
+        _barrier()
+
+    if async_save:
+        request = dist_checkpointing.save(state, str(tmp), sharded_strategy=sharded_strategy,
+                                          async_sharded_save=True)
+        request.add_finalize_fn(commit)
+        return request
+    with _write_results_in_process():
+        dist_checkpointing.save(state, str(tmp), sharded_strategy=sharded_strategy)
+    commit()
     return path
 
 

@@ -131,6 +131,9 @@ class Trainer:
     consumed_samples: int = 0
     last_val_loss: Optional[float] = None
     last_val_step: Optional[int] = None  # the step last_val_loss belongs to
+    saves: Optional[object] = None
+    """megatron-core's AsyncCallsQueue of the asynchronous saves in flight
+    (exp_manager.checkpoint_callback_params.async_save), made at the first one."""
 
 
 def is_rank0() -> bool:
@@ -262,7 +265,10 @@ def _downstream(trainer: Trainer) -> None:
     trainer.log.log_downstream(trainer.step, scores)
 
 
-def save(trainer: Trainer) -> None:
+def save(trainer: Trainer, blocking: bool = False) -> None:
+    """Checkpoint this step (collective). With `async_save` (and not `blocking`) the files are
+    written in the background while training goes on; the checkpoint is committed (and older
+    ones pruned) at a later step boundary, by `finish_saves`."""
     cfg, m = trainer.cfg, trainer.cfg.model
     root = checkpoint_root(cfg.exp_manager)
     meta = CheckpointMeta(
@@ -274,18 +280,44 @@ def save(trainer: Trainer) -> None:
                 "dp": parallel_state.get_data_parallel_world_size()},
         data_plan=trainer.recipe.data_plan if trainer.recipe else None,
     )
+    path = root / checkpoint_dir_name(trainer.step)
+    in_background = cfg.exp_manager.checkpoint_callback_params.async_save and not blocking
+    finish_saves(trainer)  # one save in flight at a time
+    start = time.perf_counter()
     # params_synced: an overlapped weight all-gather completes before the weights are saved
     with children_ignore_stop_signals(), params_synced(trainer.model):
-        path = ckpt.save_checkpoint(
-            root / checkpoint_dir_name(trainer.step), trainer.model, meta, trainer.config_yaml,
+        saved = ckpt.save_checkpoint(
+            path, trainer.model, meta, trainer.config_yaml,
             tokenizer=trainer.tokenizer, optimizer=trainer.optimizer,
             scheduler=trainer.scheduler,
-            distributed_optimizer=uses_distributed_optimizer(m.optim))
+            distributed_optimizer=uses_distributed_optimizer(m.optim), async_save=in_background)
+        if in_background:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            saved.add_finalize_fn(lambda: _after_save(trainer, path, "written in the background"))
+            trainer.saves = trainer.saves or AsyncCallsQueue()
+            trainer.saves.schedule_async_request(saved)  # stages the tensors, forks the writer
+            trainer.log.info(f"step {trainer.step}: writing checkpoint {path.name} in the "
+                             f"background (training paused {time.perf_counter() - start:.2f} s)")
+            return
+    _after_save(trainer, path, f"training paused {time.perf_counter() - start:.2f} s")
+
+
+def _after_save(trainer: Trainer, path: Path, how: str) -> None:
     barrier()
     if is_rank0():  # after the barrier: the other ranks train on meanwhile
-        params = cfg.exp_manager.checkpoint_callback_params
-        ckpt.prune_checkpoints(root, params.save_top_k, params.monitor)
-    trainer.log.info(f"saved checkpoint {path}")
+        params = trainer.cfg.exp_manager.checkpoint_callback_params
+        ckpt.prune_checkpoints(checkpoint_root(trainer.cfg.exp_manager), params.save_top_k,
+                               params.monitor)
+    trainer.log.info(f"saved checkpoint {path} ({how})")
+
+
+def finish_saves(trainer: Trainer, blocking: bool = True) -> None:
+    """Commit the asynchronous saves whose writers are done on every rank (collective: one
+    small all-reduce while a save is in flight, nothing otherwise); `blocking` waits for
+    them."""
+    if trainer.saves is not None and trainer.saves.get_num_unfinalized_calls():
+        trainer.saves.maybe_finalize_async_calls(blocking=blocking)
 
 
 DIVERGED_EXIT_CODE = 3
@@ -346,6 +378,7 @@ def _train_loop(trainer: Trainer, stops: StopRequests) -> None:
     trainer.log.start(trainer.step)
     window_time, window_tokens = 0.0, 0  # training time only: not validation, not saving
     poisoned = _injected_nan_steps()
+    skipped_in_a_row = 0
     while trainer.step < t.max_steps:
         step_start = time.perf_counter()
         data = next(steps)
@@ -366,9 +399,20 @@ def _train_loop(trainer: Trainer, stops: StopRequests) -> None:
                        **data.counts}
         # With a grad scaler (nan_policy=skip) megatron returns no norm only for a skipped step.
         if t.nan_policy == "skip" and grad_norm is None:
+            skipped_in_a_row += 1
             trainer.log.info(f"step {trainer.step}: non-finite gradients (loss "
                              f"{metrics['loss']}): update skipped (trainer.nan_policy=skip)")
+            if t.max_consecutive_skips and skipped_in_a_row >= t.max_consecutive_skips:
+                latest = latest_checkpoint(checkpoint_root(cfg.exp_manager))
+                raise Diverged(
+                    f"step {trainer.step}: {skipped_in_a_row} steps in a row had non-finite "
+                    f"gradients and were skipped (trainer.max_consecutive_skips="
+                    f"{t.max_consecutive_skips}): the run diverged and stops without saving "
+                    f"this step. Last checkpoint: {latest or 'none'}. Fix: lower "
+                    "model.optim.lr or raise warmup, check the data of these steps, then run "
+                    "again (it resumes from that checkpoint)")
         else:
+            skipped_in_a_row = 0
             _stop_if_diverged(trainer, None if metrics is None else metrics["loss"], norm)
         if first_check:
             recipe.check_first_step(metrics)
@@ -387,19 +431,22 @@ def _train_loop(trainer: Trainer, stops: StopRequests) -> None:
             trainer.last_val_step = trainer.step
         if _downstream_due(trainer, last):
             _downstream(trainer)
+        finish_saves(trainer, blocking=False)
         if every and trainer.step % every == 0:
             save(trainer)
         reason = stops.agreed(step_time, trainer.device) if not last else None
         if reason is not None:
+            finish_saves(trainer)
             here = checkpoint_root(cfg.exp_manager) / checkpoint_dir_name(trainer.step)
             if not is_complete(here):
-                save(trainer)
+                save(trainer, blocking=True)
             raise Stopped(f"stopped after step {trainer.step} for {reason}; saved {here}. Run "
                           "the same command again to resume")
     # The last step, unless already saved (also step 0 with max_steps=0: initial weights).
+    finish_saves(trainer)
     if cfg.exp_manager.checkpoint_callback_params.save_last and not is_complete(
             checkpoint_root(cfg.exp_manager) / checkpoint_dir_name(trainer.step)):
-        save(trainer)
+        save(trainer, blocking=True)
 
 
 STOP_MARKER_ENV = "DANUBE_STOP_MARKER"
@@ -454,6 +501,7 @@ def run(trainer: Trainer, recipe: Recipe, precision: PrecisionChoice,
     try:
         train_loop(trainer)
     except Diverged as error:
+        finish_saves(trainer)  # an earlier, finite step's save in flight is kept
         if is_rank0():
             print(f"error: {error}", file=sys.stderr, flush=True)
         trainer.log.close()
