@@ -1,7 +1,8 @@
-"""The project's sbatch script on a real SLURM (Debian's slurmctld/slurmd/munge 22.05),
-started by the test: a stop signal to the job's tasks -> every rank saves -> exit 75 -> the
-script requeues the job -> it reruns under the same id, resumes and finishes, with the losses
-of an uninterrupted run. Skipped, saying why, where the SLURM packages are missing (`make
+"""The project's sbatch scripts on a real SLURM (Debian's slurmctld/slurmd/munge 22.05),
+started by the test: a stop signal to the job's tasks (sent by hand, or by SLURM preempting
+the job for a higher-priority partition's) -> every rank saves -> exit 75 -> the job is
+requeued -> it reruns under the same id, resumes and finishes, with the losses of an
+uninterrupted run. Skipped, saying why, where the SLURM packages are missing (`make
 setup-test` installs them when it runs as root with apt-get)."""
 
 from __future__ import annotations
@@ -28,47 +29,103 @@ pytestmark = pytest.mark.skipif(
            "apt-get install slurmctld slurmd slurm-client munge")
 
 
+def _submit(cluster: SlurmCluster, tmp_path: Path, script: str, args: list, config: str):
+    """sbatch the project's script as a user would (2 tasks, the fake GPUs); the job id."""
+    venv_bin = str(Path(os.sys.executable).parent)
+    env = {**cluster.env, "PATH": f"{venv_bin}:{os.environ['PATH']}", "CONFIG": config,
+           "MASTER_PORT": str(free_port()), "PYTHONUNBUFFERED": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "OMP_NUM_THREADS"):
+        env.pop(key, None)
+    submitted = subprocess.run(
+        ["sbatch", "--parsable", "--ntasks-per-node=2", "--cpus-per-task=1",
+         "--gpus-per-node=2", f"--output={tmp_path}/slurm-%j.out", script, *args,
+         "exp_manager.name=slurm"],
+        cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    return submitted.stdout.strip().split(";")[0]
+
+
+def _wait_for_steps(cluster: SlurmCluster, job: str, tmp_path: Path, steps: int) -> None:
+    metrics, log = tmp_path / "slurm" / "metrics.jsonl", tmp_path / f"slurm-{job}.out"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= steps:
+            return
+        assert cluster.job(job).get("JobState") in ("PENDING", "RUNNING"), \
+            log.read_text()[-3000:] if log.is_file() else cluster.job(job)
+        time.sleep(0.2)
+    raise TimeoutError(f"job {job}: fewer than {steps} steps logged in 240 s")
+
+
+def _stopped_requeued_and_finished(cluster, job: str, tmp_path: Path, signal_name: str,
+                                   last_step: int) -> None:
+    """The job saved at one step for `signal_name`, was requeued once (same id, log appended),
+    resumed at that step and completed."""
+    info = cluster.wait(job, timeout=400)
+    text = (tmp_path / f"slurm-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, text[-4000:])
+    stopped = [line for line in text.splitlines() if "stopped after step" in line]
+    assert len(stopped) == 1 and signal_name in stopped[0], text[-4000:]
+    step = int(stopped[0].split("stopped after step ")[1].split()[0])
+    assert f"requeueing job {job} (restart 1)" in text
+    assert f"(step {step})" in text.split(f"requeueing job {job}")[1]  # resumed there
+    assert 3 <= step < last_step
+    assert not list(ROOT.glob(".danube-stopped-*"))  # the script's stop marker is gone
+
+
 def test_sbatch_script_saves_on_a_signal_requeues_and_resumes(tmp_path, init_checkpoint,
                                                              dp2_distributed_straight):
-    """2 tasks (gloo), the distributed optimizer, 30 steps; USR1 after 3 logged steps. The
-    uninterrupted reference is the same run under torchrun (a shared fixture)."""
+    """pretrain.sbatch: 2 tasks (gloo), the distributed optimizer, 30 steps; USR1 (what
+    `--signal=USR1@300` sends before a time limit) after 3 logged steps; the script requeues
+    on exit code 75. The uninterrupted reference is the same run under torchrun (a shared
+    fixture)."""
     cluster = SlurmCluster(tmp_path / "slurm").start()
     try:
-        args = dp2_distributed_args(tmp_path, init_checkpoint)
-        venv_bin = str(Path(os.sys.executable).parent)
-        env = {**cluster.env, "PATH": f"{venv_bin}:{os.environ['PATH']}",
-               "CONFIG": "danube_tiny", "MASTER_PORT": str(free_port()),
-               "PYTHONUNBUFFERED": "1"}
-        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "OMP_NUM_THREADS"):
-            env.pop(key, None)
-        submitted = subprocess.run(
-            ["sbatch", "--parsable", "--ntasks-per-node=2", "--cpus-per-task=1",
-             "--gpus-per-node=2", f"--output={tmp_path}/slurm-%j.out",
-             "launchers/slurm/pretrain.sbatch", *args, "exp_manager.name=slurm"],
-            cwd=ROOT, env=env, capture_output=True, text=True, check=True)
-        job = submitted.stdout.strip().split(";")[0]
-        metrics, log = tmp_path / "slurm" / "metrics.jsonl", tmp_path / f"slurm-{job}.out"
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
-                break
-            assert cluster.job(job).get("JobState") in ("PENDING", "RUNNING"), \
-                log.read_text()[-3000:] if log.is_file() else cluster.job(job)
-            time.sleep(0.2)
-        # what --signal=USR1@300 does before a time limit: USR1 to the job's tasks
+        job = _submit(cluster, tmp_path, "launchers/slurm/pretrain.sbatch",
+                      dp2_distributed_args(tmp_path, init_checkpoint), "danube_tiny")
+        _wait_for_steps(cluster, job, tmp_path, 3)
         subprocess.run(["scancel", "--signal=USR1", job], env=cluster.env, check=True)
-        info = cluster.wait(job, timeout=400)
-        text = log.read_text()
-        assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, text[-4000:])
-        stopped = [line for line in text.splitlines() if "stopped after step" in line]
-        assert len(stopped) == 1 and "SIGUSR1" in stopped[0], text[-4000:]
-        step = int(stopped[0].split("stopped after step ")[1].split()[0])
-        assert f"requeueing job {job} (restart 1)" in text
-        assert f"(step {step})" in text.split(f"requeueing job {job}")[1]  # resumed there
-        assert 3 <= step < DP2_DISTRIBUTED_STEPS
-        assert not list(ROOT.glob(".danube-stopped-*"))  # the script's stop marker is gone
+        _stopped_requeued_and_finished(cluster, job, tmp_path, "SIGUSR1", DP2_DISTRIBUTED_STEPS)
         straight = train_losses(dp2_distributed_straight)
         assert list(straight) == list(range(1, DP2_DISTRIBUTED_STEPS + 1))
+        assert train_losses(tmp_path / "slurm") == straight
+    finally:
+        cluster.stop()
+
+
+SFT_STEPS = 30
+
+
+def test_a_preempted_sft_job_saves_and_is_requeued(tmp_path, init_checkpoint):
+    """sft.sbatch (STAGE=sft through pretrain.sbatch), 2 tasks, 30 steps, preempted for real:
+    a job submitted to the higher-PriorityTier partition (PreemptMode=REQUEUE) takes the node,
+    SLURM sends SIGTERM to the running job, every rank saves the same step and exits 75, the
+    job is requeued once (SLURM's preemption requeue and the script's requeue on 75 do not
+    double up), reruns after the urgent job, resumes and finishes with the losses of an
+    uninterrupted run (launched directly, the same layout)."""
+    from tests.conftest import run_sft
+
+    args = [f"model.restore_from_path={init_checkpoint}", "model.encoder_seq_length=64",
+            "model.global_batch_size=8", "model.micro_batch_size=4", "trainer.max_epochs=null",
+            f"trainer.max_steps={SFT_STEPS}", f"model.optim.sched.max_steps={SFT_STEPS}",
+            "trainer.log_every_n_steps=1", "trainer.limit_val_batches=0",
+            "trainer.limit_test_batches=0", "trainer.precision=32",
+            "exp_manager.create_tensorboard_logger=false", "model.optim.sched.warmup_steps=1",
+            "model.optim.lr=3e-3", f"exp_manager.exp_dir={tmp_path}",
+            "exp_manager.checkpoint_callback_params.every_n_train_steps=2",
+            f"exp_manager.checkpoint_callback_params.save_top_k={SFT_STEPS}"]
+    run_sft([*args, "exp_manager.name=straight"], nproc=2)
+    cluster = SlurmCluster(tmp_path / "slurm").start()
+    try:
+        job = _submit(cluster, tmp_path, "launchers/slurm/sft.sbatch", args, "danube_tiny_sft")
+        _wait_for_steps(cluster, job, tmp_path, 3)
+        urgent = subprocess.run(
+            ["sbatch", "--parsable", "--partition=urgent", "--exclusive", "--gpus-per-node=2",
+             f"--output={tmp_path}/urgent-%j.out", "--wrap", "sleep 1"],
+            env=cluster.env, capture_output=True, text=True, check=True).stdout.strip()
+        _stopped_requeued_and_finished(cluster, job, tmp_path, "SIGTERM", SFT_STEPS)
+        assert cluster.job(urgent)["JobState"] == "COMPLETED"
+        straight = train_losses(tmp_path / "straight")
+        assert list(straight) == list(range(1, SFT_STEPS + 1))
         assert train_losses(tmp_path / "slurm") == straight
     finally:
         cluster.stop()

@@ -19,6 +19,9 @@ from typing import Dict, Optional
 
 from tests.conftest import free_port
 
+# Two partitions: `debug` (the default) and `urgent`, whose jobs preempt debug's (REQUEUE:
+# the preempted job gets SIGTERM, GRACE_S seconds, then is requeued by SLURM itself).
+GRACE_S = 60
 BINARIES = ("slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "munged", "mungekey")
 
 
@@ -95,7 +98,10 @@ MinJobAge=600
 JobRequeue=1
 GresTypes=gpu
 NodeName={self.host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=4000 Gres=gpu:2 State=UNKNOWN
-PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime={GRACE_S}
+PartitionName=urgent Nodes={self.host} MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF
 """)
         self.env = {**os.environ, "SLURM_CONF": str(r / "slurm.conf")}
         for daemon in ("slurmctld", "slurmd"):
