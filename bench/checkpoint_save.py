@@ -41,7 +41,8 @@ def run(async_save: bool, saves: int, extra: list, folder: Path) -> dict:
             "exp_manager.checkpoint_callback_params.every_n_train_steps=2",
             f"exp_manager.checkpoint_callback_params.save_top_k={saves}",
             f"exp_manager.checkpoint_callback_params.async_save={str(async_save).lower()}",
-            f"exp_manager.exp_dir={folder}", f"exp_manager.name={'async' if async_save else 'sync'}",
+            f"exp_manager.exp_dir={folder}",
+            f"exp_manager.name={'async' if async_save else 'sync'}",
             *extra]
     start = time.perf_counter()
     done = subprocess.run([sys.executable, str(ROOT / "launchers" / "pretrain.py"), *args],

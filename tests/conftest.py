@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WARM = os.environ.get("DANUBE_TEST_COLD") != "1" and not GPU_TESTS
 LAUNCHER = ROOT / "launchers" / "pretrain.py"
 SFT_LAUNCHER = ROOT / "launchers" / "sft.py"
+DPO_LAUNCHER_PATH = ROOT / "launchers" / "dpo.py"
 
 # A small danube_tiny for equivalence runs: 4 layers so PP=2 x VP=2 has a layer per chunk.
 SMALL_MODEL = [

@@ -95,14 +95,16 @@ def test_sbatch_script_saves_on_a_signal_requeues_and_resumes(tmp_path, init_che
 SFT_STEPS = 30
 
 
-def test_a_preempted_sft_job_saves_and_is_requeued(tmp_path, init_checkpoint):
-    """sft.sbatch (STAGE=sft through pretrain.sbatch), 2 tasks, 30 steps, preempted for real:
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_a_preempted_finetuning_job_saves_and_is_requeued(tmp_path, init_checkpoint, stage):
+    """sft.sbatch / dpo.sbatch (STAGE=sft|dpo through pretrain.sbatch), 2 tasks, 30 steps
+    (DPO: the embedded preference pairs, reference log-probs on the fly), preempted for real:
     a job submitted to the higher-PriorityTier partition (PreemptMode=REQUEUE) takes the node,
     SLURM sends SIGTERM to the running job, every rank saves the same step and exits 75, the
     job is requeued once (SLURM's preemption requeue and the script's requeue on 75 do not
     double up), reruns after the urgent job, resumes and finishes with the losses of an
     uninterrupted run (launched directly, the same layout)."""
-    from tests.conftest import run_sft
+    from tests.conftest import DPO_LAUNCHER_PATH, run_pretrain, run_sft
 
     args = [f"model.restore_from_path={init_checkpoint}", "model.encoder_seq_length=64",
             "model.global_batch_size=8", "model.micro_batch_size=4", "trainer.max_epochs=null",
@@ -113,10 +115,15 @@ def test_a_preempted_sft_job_saves_and_is_requeued(tmp_path, init_checkpoint):
             "model.optim.lr=3e-3", f"exp_manager.exp_dir={tmp_path}",
             "exp_manager.checkpoint_callback_params.every_n_train_steps=2",
             f"exp_manager.checkpoint_callback_params.save_top_k={SFT_STEPS}"]
-    run_sft([*args, "exp_manager.name=straight"], nproc=2)
+    if stage == "sft":
+        run_sft([*args, "exp_manager.name=straight"], nproc=2)
+    else:
+        args.append("model.data.data_prefix.validation=null")
+        run_pretrain([*args, "exp_manager.name=straight"], nproc=2, launcher=DPO_LAUNCHER_PATH)
     cluster = SlurmCluster(tmp_path / "slurm").start()
     try:
-        job = _submit(cluster, tmp_path, "launchers/slurm/sft.sbatch", args, "danube_tiny_sft")
+        job = _submit(cluster, tmp_path, f"launchers/slurm/{stage}.sbatch", args,
+                      f"danube_tiny_{stage}")
         _wait_for_steps(cluster, job, tmp_path, 3)
         urgent = subprocess.run(
             ["sbatch", "--parsable", "--partition=urgent", "--exclusive", "--gpus-per-node=2",
