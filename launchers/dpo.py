@@ -10,6 +10,10 @@ starts from (model.restore_from_path: a checkpoint, or a run directory's newest)
 also the reference policy.
 """
 
+from danube import startup_signals
+
+startup_signals.catch()  # before the slow imports: a stop signal now means exit 75 later
+
 import sys
 
 from danube.config.compose import DPO_CONFIG_DIR, hydra_runner, to_dpo_config

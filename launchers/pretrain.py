@@ -7,6 +7,10 @@ Configs live in configs/ (NeMo megatron_gpt_config.yaml layout); any key can be 
 on the command line, Hydra style.
 """
 
+from danube import startup_signals
+
+startup_signals.catch()  # before the slow imports: a stop signal now means exit 75 later
+
 import os
 import sys
 

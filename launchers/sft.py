@@ -8,6 +8,10 @@ Configs live in configs/sft/; the architecture and tokenizer come from the check
 starts from (model.restore_from_path: a checkpoint, or a run directory's newest).
 """
 
+from danube import startup_signals
+
+startup_signals.catch()  # before the slow imports: a stop signal now means exit 75 later
+
 import sys
 
 from danube.config.compose import SFT_CONFIG_DIR, hydra_runner, to_sft_config

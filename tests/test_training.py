@@ -214,3 +214,33 @@ def test_max_time_saves_and_exits_75(tmp_path):
     assert steps == list(range(1, steps[-1] + 1)) and 1 <= steps[-1] < 400
     assert [p.name for p in (tmp_path / "stop" / "checkpoints").iterdir()] == [
         f"step_{steps[-1]:08d}"]
+
+
+def test_a_stop_signal_during_start_up_saves_and_exits_75(tmp_path):
+    """SIGUSR1 one second into a launch (a cold one: Python is still importing torch and
+    megatron-core) is not the signal's default death: `danube.startup_signals` holds it for
+    the loop, which stops after its first step, saves it and exits 75 (what the sbatch
+    script requeues on). Without it the process dies of SIGUSR1 (-10)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import LAUNCHER, ROOT
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
+    launch = subprocess.Popen(
+        [sys.executable, str(LAUNCHER), *SMALL_MODEL, *QUIET, "trainer.precision=32",
+         "trainer.max_steps=50", "model.optim.sched.warmup_steps=2",
+         f"exp_manager.exp_dir={tmp_path}", "exp_manager.name=early"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)
+    launch.send_signal(signal.SIGUSR1)
+    out, err = launch.communicate(timeout=300)
+    assert launch.returncode == 75, (launch.returncode, err[-3000:])
+    assert "training danube_tiny" in out  # the signal came before training started
+    assert out.index("training danube_tiny") < out.index("stopped after step 1 for a stop "
+                                                        "signal (SIGUSR1)")
+    assert [p.name for p in (tmp_path / "early" / "checkpoints").iterdir()] == [
+        "step_00000001"]

@@ -20,6 +20,8 @@ from typing import Iterator, Optional
 
 import torch
 
+from danube import startup_signals
+
 STOPPED_EXIT_CODE = 75
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -40,7 +42,7 @@ class StopRequests:
     def __init__(self, max_time_s: Optional[float]):
         self.max_time_s = max_time_s
         self.start = time.monotonic()
-        self.received: Optional[str] = None
+        self.received: Optional[str] = startup_signals.received()  # came during start-up
         self._previous = {}
         for sig in SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
