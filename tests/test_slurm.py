@@ -19,6 +19,7 @@ from tests.conftest import (
     ROOT,
     dp2_distributed_args,
     free_port,
+    run_pretrain,
     train_losses,
 )
 from tests.helpers.slurm_cluster import SlurmCluster, missing_binaries
@@ -29,7 +30,8 @@ pytestmark = pytest.mark.skipif(
            "apt-get install slurmctld slurmd slurm-client munge")
 
 
-def _submit(cluster: SlurmCluster, tmp_path: Path, script: str, args: list, config: str):
+def _submit(cluster: SlurmCluster, tmp_path: Path, script: str, args: list, config: str,
+            sbatch: tuple = ()):
     """sbatch the project's script as a user would (2 tasks, the fake GPUs); the job id."""
     venv_bin = str(Path(os.sys.executable).parent)
     env = {**cluster.env, "PATH": f"{venv_bin}:{os.environ['PATH']}", "CONFIG": config,
@@ -38,7 +40,7 @@ def _submit(cluster: SlurmCluster, tmp_path: Path, script: str, args: list, conf
         env.pop(key, None)
     submitted = subprocess.run(
         ["sbatch", "--parsable", "--ntasks-per-node=2", "--cpus-per-task=1",
-         "--gpus-per-node=2", f"--output={tmp_path}/slurm-%j.out", script, *args,
+         "--gpus-per-node=2", f"--output={tmp_path}/slurm-%j.out", *sbatch, script, *args,
          "exp_manager.name=slurm"],
         cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     return submitted.stdout.strip().split(";")[0]
@@ -57,7 +59,7 @@ def _wait_for_steps(cluster: SlurmCluster, job: str, tmp_path: Path, steps: int)
 
 
 def _stopped_requeued_and_finished(cluster, job: str, tmp_path: Path, signal_name: str,
-                                   last_step: int) -> None:
+                                   last_step: int, first_step: int = 3) -> None:
     """The job saved at one step for `signal_name`, was requeued once (same id, log appended),
     resumed at that step and completed."""
     info = cluster.wait(job, timeout=400)
@@ -68,7 +70,7 @@ def _stopped_requeued_and_finished(cluster, job: str, tmp_path: Path, signal_nam
     step = int(stopped[0].split("stopped after step ")[1].split()[0])
     assert f"requeueing job {job} (restart 1)" in text
     assert f"(step {step})" in text.split(f"requeueing job {job}")[1]  # resumed there
-    assert 3 <= step < last_step
+    assert first_step <= step < last_step
     assert not list(ROOT.glob(".danube-stopped-*"))  # the script's stop marker is gone
 
 
@@ -133,6 +135,46 @@ def test_a_preempted_finetuning_job_saves_and_is_requeued(tmp_path, init_checkpo
         assert cluster.job(urgent)["JobState"] == "COMPLETED"
         straight = train_losses(tmp_path / "straight")
         assert list(straight) == list(range(1, SFT_STEPS + 1))
+        assert train_losses(tmp_path / "slurm") == straight
+    finally:
+        cluster.stop()
+
+
+TIME_LIMIT_STEPS = 1000
+
+
+def test_a_job_at_its_time_limit_saves_and_is_requeued(tmp_path, init_checkpoint):
+    """pretrain.sbatch submitted with `--time=1` (one minute) and its own `--signal=USR1@300`:
+    the warning is due from the start, and slurmctld sends it at its next time-limit check
+    (every ~30 s), while the 1000-step run (~80 s here) is still going (or still starting: held by
+    danube.startup_signals). Every rank saves, exits 75, the script requeues the job; while the
+    rerun waits, the test gives it a longer limit (`scontrol update TimeLimit=10`), and it
+    resumes and finishes with the losses of an uninterrupted run."""
+    args = [*dp2_distributed_args(tmp_path, init_checkpoint)]
+    args = [a for a in args if "max_steps" not in a and "save_top_k" not in a
+            and "every_n_train_steps" not in a]
+    args += [f"trainer.max_steps={TIME_LIMIT_STEPS}",
+             f"model.optim.sched.max_steps={TIME_LIMIT_STEPS}",
+             "trainer.log_every_n_steps=10",
+             "exp_manager.checkpoint_callback_params.every_n_train_steps=0",
+             "exp_manager.checkpoint_callback_params.save_top_k=2"]
+    run_pretrain([*args, "exp_manager.name=straight"], nproc=2)
+    cluster = SlurmCluster(tmp_path / "slurm").start()
+    try:
+        job = _submit(cluster, tmp_path, "launchers/slurm/pretrain.sbatch", args, "danube_tiny",
+                      sbatch=("--time=1",))
+        deadline = time.time() + 120
+        while cluster.job(job).get("Restarts") != "1":
+            assert time.time() < deadline and cluster.job(job).get("JobState") in (
+                "PENDING", "RUNNING", "COMPLETING"), cluster.job(job)
+            time.sleep(0.2)
+        subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=10"], env=cluster.env,
+                       check=True, capture_output=True)
+        _stopped_requeued_and_finished(cluster, job, tmp_path, "SIGUSR1", TIME_LIMIT_STEPS,
+                                       first_step=1)
+        assert cluster.job(job)["TimeLimit"] == "00:10:00"
+        straight = train_losses(tmp_path / "straight")
+        assert list(straight) == list(range(10, TIME_LIMIT_STEPS + 1, 10))
         assert train_losses(tmp_path / "slurm") == straight
     finally:
         cluster.stop()
