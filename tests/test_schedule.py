@@ -73,3 +73,37 @@ def test_on_resume_the_config_wins_over_the_checkpoint():
     assert config_changes(before, after) == ["model.optim.lr: 0.0002 -> 0.0001",
                                              "model.seed: (absent) -> 3"]
     assert config_changes(after, after) == []
+
+
+def test_a_ramp_whose_tokens_per_step_change_gets_a_token_counted_schedule():
+    """Stages of 512, 1024 and 2048 tokens per step (4 steps each): the schedule advances by
+    each step's tokens, warmup ends after 2 steps' tokens and the cosine reaches min_lr at the
+    ramp's last token, so the LR of step k is the closed form at the tokens trained so far.
+    With one number of tokens per step the schedule stays step-counted."""
+    from danube.config.compose import compose_pretrain_config
+    from danube.config.derived import schedule_counts_tokens, step_tokens, tokens_after
+
+    stages = ("[{tokens:2048,encoder_seq_length:32,global_batch_size:16},"
+              "{tokens:4096,encoder_seq_length:64,global_batch_size:16},"
+              "{tokens:8192,encoder_seq_length:128,global_batch_size:16}]")
+    model = compose_pretrain_config("danube_tiny", [
+        f"model.seq_length_stages={stages}", "model.encoder_seq_length=128"]).model
+    assert schedule_counts_tokens(model)
+    assert [step_tokens(model, k) for k in range(1, 13)] == [512] * 4 + [1024] * 4 + [2048] * 4
+    optim = OptimConfig(lr=LR, weight_decay=0.1, sched=SchedConfig(
+        name="CosineAnnealing", warmup_steps=2, constant_steps=0, min_lr=MIN_LR))
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=LR)
+    scheduler = build_scheduler(optim, 12, optimizer, lambda s: tokens_after(model, s))
+    warmup, end, seen = 1024, 4 * 512 + 4 * 1024 + 4 * 2048, 0
+    for k in range(1, 13):
+        seen += step_tokens(model, k)
+        scheduler.step(increment=step_tokens(model, k))
+        want = LR * seen / warmup if seen <= warmup else MIN_LR + (LR - MIN_LR) * 0.5 * (
+            1 + math.cos(math.pi * (seen - warmup) / (end - warmup)))
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(want, rel=1e-9), k
+    assert seen == end and optimizer.param_groups[0]["lr"] == pytest.approx(MIN_LR)
+    same = compose_pretrain_config("danube_tiny", [
+        "model.seq_length_stages=[{tokens:2048,encoder_seq_length:32,global_batch_size:32},"
+        "{tokens:2048,encoder_seq_length:64,global_batch_size:16}]",
+        "model.encoder_seq_length=64"]).model
+    assert not schedule_counts_tokens(same)

@@ -244,3 +244,37 @@ def test_a_stop_signal_during_start_up_saves_and_exits_75(tmp_path):
                                                         "signal (SIGUSR1)")
     assert [p.name for p in (tmp_path / "early" / "checkpoints").iterdir()] == [
         "step_00000001"]
+
+
+def test_a_ramp_that_changes_tokens_per_step_has_a_token_counted_schedule(tmp_path):
+    """32 x 16 then 64 x 16 tokens per step (512 then 1024): the LR follows the tokens trained
+    (warmup over step 1's 512 tokens, cosine to min_lr at the ramp's 3,072nd), and a resume at
+    the stage boundary gives the straight run's losses and learning rates bit for bit."""
+    import math
+
+    from tests.conftest import train_records
+
+    common = [*SMALL_MODEL, *QUIET, "trainer.precision=32", "trainer.max_steps=-1",
+              "model.seq_length_stages=[{tokens:1024,encoder_seq_length:32,global_batch_size:16},"
+              "{tokens:2048,encoder_seq_length:64,global_batch_size:16}]",
+              "model.optim.lr=3e-3", "model.optim.sched.min_lr=1e-4",
+              "model.optim.sched.warmup_steps=1",
+              "exp_manager.checkpoint_callback_params.every_n_train_steps=2",
+              f"exp_manager.exp_dir={tmp_path}"]
+    run_pretrain([*common, "exp_manager.name=straight"])
+    straight = train_records(tmp_path / "straight")
+    assert [straight[k]["seq_length"] for k in (1, 2, 3, 4)] == [32, 32, 64, 64]
+    seen = {1: 512, 2: 1024, 3: 2048, 4: 3072}
+    for k, tokens in seen.items():
+        want = 3e-3 * tokens / 512 if tokens <= 512 else 1e-4 + (3e-3 - 1e-4) * 0.5 * (
+            1 + math.cos(math.pi * (tokens - 512) / (3072 - 512)))
+        assert straight[k]["lr"] == pytest.approx(want, rel=1e-6), k
+    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "straight" / "checkpoints" / "step_00000002",
+                    tmp_path / "resumed" / "checkpoints" / "step_00000002")
+    run = run_pretrain([*common, "exp_manager.name=resumed"])
+    assert "(step 2)" in run.stdout
+    resumed = train_records(tmp_path / "resumed")
+    assert list(resumed) == [3, 4]
+    for k in (3, 4):
+        assert (resumed[k]["loss"], resumed[k]["lr"]) == (straight[k]["loss"], straight[k]["lr"])

@@ -55,6 +55,31 @@ def with_stage_steps(cfg):
     return replace(cfg, trainer=replace(cfg.trainer, max_steps=sum(stage_steps(cfg.model))))
 
 
+def schedule_counts_tokens(model: ModelConfig) -> bool:
+    """The LR schedule counts tokens, not steps: seq_length_stages whose tokens per step
+    differ (with one number of tokens per step, counting steps is the same schedule)."""
+    per_step = {s.encoder_seq_length * s.global_batch_size for s in model.seq_length_stages}
+    return len(per_step) > 1
+
+
+def step_tokens(model: ModelConfig, step: int) -> int:
+    """Tokens per step of the stage that trains step `step` (1-based) of the ramp; steps past
+    the last stage count as the last stage's."""
+    first = 1
+    for stage, steps in zip(model.seq_length_stages, stage_steps(model)):
+        if step < first + steps:
+            return stage.encoder_seq_length * stage.global_batch_size
+        first += steps
+    last = model.seq_length_stages[-1]
+    return last.encoder_seq_length * last.global_batch_size
+
+
+def tokens_after(model: ModelConfig, steps: int) -> int:
+    """Tokens the ramp has trained after `steps` steps: where a step-denominated schedule key
+    (warmup_steps, max_steps, constant_steps) falls on the token-counted schedule."""
+    return sum(step_tokens(model, k) for k in range(1, steps + 1))
+
+
 def schedule_default_horizon(cfg) -> int:
     """Steps the LR schedule decays over unless model.optim.sched.max_steps says: the whole
     ramp with seq_length_stages, else trainer.max_steps."""

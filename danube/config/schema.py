@@ -197,7 +197,8 @@ class SeqLengthStage:
     encoder_seq_length: int = 2048
     """Training sequence length of this stage."""
     global_batch_size: int = 576
-    """Sequences per step in this stage (tokens per step must be the same in every stage)."""
+    """Sequences per step in this stage. Stages whose tokens per step (this x
+    encoder_seq_length) differ get a token-counted LR schedule."""
     micro_batch_size: Optional[int] = None
     """Sequences per forward/backward pass in this stage; default model.micro_batch_size."""
     data_prefix: Any = None

@@ -445,7 +445,7 @@ def _check_downstream(cfg, problems: List[str]) -> None:
 
 def _check_stages(cfg, problems: List[str]) -> None:
     """model.seq_length_stages: pretraining only; whole stages that fit the model, the batch
-    layout, and one number of tokens per step (the schedule counts steps)."""
+    layout (stages whose tokens per step differ get a token-counted LR schedule)."""
     m = cfg.model
     stages = m.seq_length_stages
     if not stages:
@@ -484,12 +484,6 @@ def _check_stages(cfg, problems: List[str]) -> None:
     if longest != m.encoder_seq_length:
         problems.append(f"model.encoder_seq_length={m.encoder_seq_length} must be the longest "
                         f"stage's ({longest}): the model is built and exported for it")
-    per_step = {s.encoder_seq_length * s.global_batch_size for s in stages}
-    if len(per_step) > 1:
-        problems.append(f"model.seq_length_stages change the tokens per step "
-                        f"({sorted(per_step)}): keep encoder_seq_length x global_batch_size the "
-                        "same in every stage (H2O-Danube: 2048 x 576 = 4096 x 288 = ...), so "
-                        "the step-counted LR schedule is also token-counted")
     total = sum(stage_steps(m))
     if cfg.trainer.max_steps > total:
         problems.append(f"trainer.max_steps={cfg.trainer.max_steps} exceeds the stages' "

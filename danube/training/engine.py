@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, List
+from typing import Callable, Iterator, List, Optional
 
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
@@ -109,7 +109,8 @@ def build_optimizer(
 
 
 def build_scheduler(
-    optim: OptimConfig, max_steps: int, optimizer: MegatronOptimizer
+    optim: OptimConfig, max_steps: int, optimizer: MegatronOptimizer,
+    tokens_after: Optional[Callable[[int], int]] = None,
 ) -> OptimizerParamScheduler:
     """NeMo schedule names on megatron's scheduler, stepped once per optimizer step:
     linear warmup to lr, decay to min_lr at (horizon - constant_steps), then flat.
@@ -117,20 +118,28 @@ def build_scheduler(
     lr * k / warmup_steps as NeMo's warmup does (megatron-LM spends its first update at lr 0).
     On resume the config wins (NeMo's behaviour; megatron's default keeps the checkpoint's
     lr/min_lr/warmup/decay while config.yaml would record the new ones): only the step count
-    comes from the checkpoint, and the launch lists what changed (loop.restore)."""
+    comes from the checkpoint, and the launch lists what changed (loop.restore).
+
+    With `tokens_after` (a ramp whose tokens per step change) the schedule counts tokens:
+    each step advances it by the step's tokens, and the step-denominated keys are placed at
+    the tokens trained after that many steps (warmup ends after `warmup_steps` steps' tokens,
+    the decay after `max_steps - constant_steps` steps' tokens), so the LR follows the tokens
+    seen, continuously across stages."""
     sched = optim.sched
     horizon = sched.max_steps or max_steps
+    at = tokens_after or (lambda steps: steps)
+    warmup = at(sched.warmup_steps)
     return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
         max_lr=optim.lr,
         min_lr=sched.min_lr,
-        lr_warmup_steps=sched.warmup_steps,
-        lr_decay_steps=max(horizon - sched.constant_steps, sched.warmup_steps + 1),
+        lr_warmup_steps=warmup,
+        lr_decay_steps=max(at(horizon - sched.constant_steps), warmup + 1),
         lr_decay_style=_DECAY_STYLES[sched.name],
         start_wd=optim.weight_decay,
         end_wd=optim.weight_decay,
-        wd_incr_steps=horizon,
+        wd_incr_steps=at(horizon),
         wd_incr_style="constant",
         use_checkpoint_opt_param_scheduler=False,
         override_opt_param_scheduler=True,

@@ -23,7 +23,9 @@ from danube.config.compose import config_changes, to_yaml
 from danube.config.derived import (
     normalized_precision,
     parse_max_time,
+    schedule_counts_tokens,
     schedule_default_horizon,
+    tokens_after,
 )
 from danube.model.builder import build_model_chunks, transformer_config, uses_transformer_engine
 from danube.paths import (
@@ -74,6 +76,9 @@ class StepData:
     """Trained tokens of the whole global batch (for tokens/s)."""
     counts: Dict[str, int] = field(default_factory=dict)
     """Per-step counts logged with the step (DPO: masked_pairs)."""
+    schedule_increment: int = 1
+    """How far this step advances the LR schedule: 1, or its tokens when the schedule counts
+    tokens (a ramp whose tokens per step change)."""
 
 
 def token_metrics(means: Dict[str, float]) -> Dict[str, float]:
@@ -170,7 +175,8 @@ def build_trainer(cfg, tokenizer, vocab_size: int, per_token_loss: bool = False)
         parallel_state.get_data_parallel_world_size(with_context_parallel=True))
     optimizer = build_optimizer(m.optim, cfg.trainer.gradient_clip_val, config, model,
                                 skip_non_finite=cfg.trainer.nan_policy == "skip")
-    scheduler = build_scheduler(m.optim, schedule_default_horizon(cfg), optimizer)
+    tokens = (lambda steps: tokens_after(m, steps)) if schedule_counts_tokens(m) else None
+    scheduler = build_scheduler(m.optim, schedule_default_horizon(cfg), optimizer, tokens)
     log = MetricsLogger(exp_dir(cfg.exp_manager), cfg.exp_manager.create_tensorboard_logger,
                         cfg.trainer.max_steps, enabled=is_rank0())
     return Trainer(cfg, model, optimizer, scheduler, device, log, tokenizer)
@@ -385,7 +391,7 @@ def _train_loop(trainer: Trainer, stops: StopRequests) -> None:
         loss_fn = _nan_loss(recipe.loss_fn) if trainer.step + 1 in poisoned else recipe.loss_fn
         totals, lr, grad_norm = train_step(trainer.model, trainer.optimizer, trainer.scheduler,
                                            data.micro_batches, trainer.device, loss_fn,
-                                           recipe.metric_names)
+                                           recipe.metric_names, data.schedule_increment)
         trainer.step += 1
         last = trainer.step == t.max_steps
         logged = trainer.step % t.log_every_n_steps == 0 or last

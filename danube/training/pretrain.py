@@ -9,7 +9,12 @@ from typing import Any, Iterator, List, Optional
 
 from megatron.core import parallel_state
 
-from danube.config.derived import num_microbatches, stage_steps, world_size
+from danube.config.derived import (
+    num_microbatches,
+    schedule_counts_tokens,
+    stage_steps,
+    world_size,
+)
 from danube.config.schema import PretrainConfig
 from danube.data.embedded import embedded_tokenizer, ensure_embedded_corpus
 from danube.data.gpt import build_gpt_datasets, build_loader, data_plan, gpt_dataset_config
@@ -103,6 +108,7 @@ def pretraining_recipe(cfg: PretrainConfig, tokenizer, corpus_dir) -> Recipe:
     dp_size = parallel_state.get_data_parallel_world_size()
     pin = use_cuda(t.accelerator)
     ramp = bool(m.seq_length_stages)
+    by_tokens = schedule_counts_tokens(m)  # the LR schedule advances by each step's tokens
     current = {"stage": 0}
 
     def stage_at(step: int) -> int:
@@ -116,8 +122,9 @@ def pretraining_recipe(cfg: PretrainConfig, tokenizer, corpus_dir) -> Recipe:
                                        dp_rank, dp_size, m.data.num_workers, pin))
         counts = {"seq_length": st.seq_length} if ramp else {}
         for _ in range(count):
-            yield StepData([next(loader) for _ in range(micro)], st.global_batch_size,
-                           st.global_batch_size * st.seq_length, counts)
+            tokens = st.global_batch_size * st.seq_length
+            yield StepData([next(loader) for _ in range(micro)], st.global_batch_size, tokens,
+                           counts, tokens if by_tokens else 1)
 
     def train_steps(first: int, last: int, consumed: int) -> Iterator[StepData]:
         step = first

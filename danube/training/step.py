@@ -128,11 +128,11 @@ def run_schedule(model: List, micro_batches: List[dict], device: torch.device,
 
 def train_step(model: List, optimizer, scheduler, micro_batches: List[dict],
                device: torch.device, loss_fn: LossFn = token_loss,
-               names: Sequence[str] = TOKEN_LOSS_METRICS):
+               names: Sequence[str] = TOKEN_LOSS_METRICS, schedule_increment: int = 1):
     """Forward/backward over this rank's micro-batches, then one optimizer step at the
     scheduler's next learning rate. Returns (the metrics' all-reduced [sum, count] on the
     device: `report_means` reads them, lr, grad_norm: a float when gradients are clipped)."""
-    scheduler.step(increment=1)
+    scheduler.step(increment=schedule_increment)  # 1, or this step's tokens (a ramp)
     lr = optimizer.param_groups[0]["lr"]
     for chunk in model:
         chunk.zero_grad_buffer()
