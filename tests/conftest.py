@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WARM = os.environ.get("DANUBE_TEST_COLD") != "1" and not GPU_TESTS
 LAUNCHER = ROOT / "launchers" / "pretrain.py"
 SFT_LAUNCHER = ROOT / "launchers" / "sft.py"
-DPO_LAUNCHER_PATH = ROOT / "launchers" / "dpo.py"
+DPO_LAUNCHER = ROOT / "launchers" / "dpo.py"
 
 # A small danube_tiny for equivalence runs: 4 layers so PP=2 x VP=2 has a layer per chunk.
 SMALL_MODEL = [
@@ -92,6 +92,12 @@ def run_sft(overrides: List[str], nproc: int = 1, check: bool = True,
             timeout: int = 600) -> subprocess.CompletedProcess:
     """Run launchers/sft.py as a user would."""
     return run_pretrain(overrides, nproc, check, timeout, launcher=SFT_LAUNCHER)
+
+
+def run_dpo(overrides: List[str], nproc: int = 1, check: bool = True,
+            timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run launchers/dpo.py as a user would."""
+    return run_pretrain(overrides, nproc, check, timeout, launcher=DPO_LAUNCHER)
 
 
 def write_indexed(prefix: str, documents: List[List[int]]) -> None:

@@ -16,15 +16,10 @@ from danube.data.chat import ChatDataError, ChatTemplate
 from danube.data.dpo import build_dpo_dataset, dpo_step_batches, encode_pair
 from danube.data.tokenizer import load_tokenizer
 from danube.training.dpo import preference_loss
-from tests.conftest import ROOT, run_pretrain, train_records
+from tests.conftest import run_dpo, train_records
 
-DPO_LAUNCHER = ROOT / "launchers" / "dpo.py"
 LOG2 = math.log(2.0)
 LOG2_FP32 = float(torch.tensor(LOG2, dtype=torch.float32))  # what an fp32 run computes exactly
-
-
-def run_dpo(overrides, nproc=1, check=True):
-    return run_pretrain(overrides, nproc, check, launcher=DPO_LAUNCHER)
 
 
 # --- the losses ------------------------------------------------------------------------------

@@ -106,7 +106,7 @@ def test_a_preempted_finetuning_job_saves_and_is_requeued(tmp_path, init_checkpo
     job is requeued once (SLURM's preemption requeue and the script's requeue on 75 do not
     double up), reruns after the urgent job, resumes and finishes with the losses of an
     uninterrupted run (launched directly, the same layout)."""
-    from tests.conftest import DPO_LAUNCHER_PATH, run_pretrain, run_sft
+    from tests.conftest import run_dpo, run_sft
 
     args = [f"model.restore_from_path={init_checkpoint}", "model.encoder_seq_length=64",
             "model.global_batch_size=8", "model.micro_batch_size=4", "trainer.max_epochs=null",
@@ -121,7 +121,7 @@ def test_a_preempted_finetuning_job_saves_and_is_requeued(tmp_path, init_checkpo
         run_sft([*args, "exp_manager.name=straight"], nproc=2)
     else:
         args.append("model.data.data_prefix.validation=null")
-        run_pretrain([*args, "exp_manager.name=straight"], nproc=2, launcher=DPO_LAUNCHER_PATH)
+        run_dpo([*args, "exp_manager.name=straight"], nproc=2)
     cluster = SlurmCluster(tmp_path / "slurm").start()
     try:
         job = _submit(cluster, tmp_path, f"launchers/slurm/{stage}.sbatch", args,

@@ -65,19 +65,20 @@ def schedule_counts_tokens(model: ModelConfig) -> bool:
 def step_tokens(model: ModelConfig, step: int) -> int:
     """Tokens per step of the stage that trains step `step` (1-based) of the ramp; steps past
     the last stage count as the last stage's."""
-    first = 1
-    for stage, steps in zip(model.seq_length_stages, stage_steps(model)):
-        if step < first + steps:
-            return stage.encoder_seq_length * stage.global_batch_size
-        first += steps
-    last = model.seq_length_stages[-1]
-    return last.encoder_seq_length * last.global_batch_size
+    return tokens_after(model, step) - tokens_after(model, step - 1)
 
 
 def tokens_after(model: ModelConfig, steps: int) -> int:
     """Tokens the ramp has trained after `steps` steps: where a step-denominated schedule key
-    (warmup_steps, max_steps, constant_steps) falls on the token-counted schedule."""
-    return sum(step_tokens(model, k) for k in range(1, steps + 1))
+    (warmup_steps, max_steps, constant_steps) falls on the token-counted schedule. Steps past
+    the last stage count as the last stage's."""
+    total, left = 0, steps
+    for stage, count in zip(model.seq_length_stages, stage_steps(model)):
+        taken = min(left, count)
+        total, left = total + taken * stage.encoder_seq_length * stage.global_batch_size, \
+            left - taken
+    last = model.seq_length_stages[-1]
+    return total + left * last.encoder_seq_length * last.global_batch_size
 
 
 def schedule_default_horizon(cfg) -> int:

@@ -23,7 +23,7 @@ import torch
 from danube import startup_signals
 
 STOPPED_EXIT_CODE = 75
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+SIGNALS = startup_signals.SIGNALS  # SIGTERM, SIGUSR1
 
 
 @contextmanager

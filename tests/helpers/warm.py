@@ -191,7 +191,7 @@ def run(script: str, args: List[str], env: dict, cwd: str, nproc: int, master_po
         timeout: float, cmd: List[str]) -> subprocess.CompletedProcess:
     """Run `script args` as `nproc` warm processes; the result of the whole launch (stdout
     and stderr of every rank, in the order written; the first failing rank's code)."""
-    path = _ensure_server({k: v for k, v in os.environ.items()})
+    path = _ensure_server(dict(os.environ))
     with tempfile.TemporaryDirectory(prefix="danube-launch-") as folder:
         out, err = os.path.join(folder, "out"), os.path.join(folder, "err")
         procs = []
