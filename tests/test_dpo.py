@@ -183,10 +183,19 @@ def _packed(value: bool):
 
 def _assert_same(records, reference, rel=1e-5):
     """Step for step: loss and accuracy to `rel`; the margin, a difference of differences of
-    log-probs, to 10 x rel."""
+    log-probs, to 10 x rel. A step where every reference reward is exactly 0 (step 1: the
+    policy is the reference) is a tie for every pair: another layout's rewards must be 0 to
+    rounding, and its accuracy (chosen reward > rejected, strictly, as NeMo-Aligner and TRL
+    count it) is then the sign of that rounding, not compared (on an AVX512-BF16 CPU one of 8
+    pairs of the PP=2 run came out 1e-6 ahead)."""
     assert list(records) == list(reference)
     for step, ref in reference.items():
+        tie = ref["rewards_all_std"] == 0.0
+        if tie:
+            assert records[step]["rewards_all_std"] < 1e-4, step
         for key, tol in (("loss", rel), ("acc", rel), ("rewards_margins", 10 * rel)):
+            if key == "acc" and tie:
+                continue
             assert records[step][key] == pytest.approx(ref[key], rel=tol, abs=1e-6), (step, key)
         assert records[step]["grad_norm"] == pytest.approx(ref["grad_norm"], rel=2e-4), step
         assert records[step]["masked_pairs"] == ref["masked_pairs"]
