@@ -4,6 +4,15 @@
     python bench/gpu_acceptance.py --skip-cpu-suite --json results/acceptance.json
     python bench/gpu_acceptance.py --plan          # the stages and their commands; runs nothing
 
+On a machine lent for minutes, bound the whole run and keep what each stage printed:
+
+    python bench/gpu_acceptance.py --skip-cpu-suite --budget 540 --logs $OUT --json $OUT/a.json
+
+Each stage's limit is cut to what is left of --budget, and a stage with under 30 s left is
+not run (the run then exits 1); each stage's row is printed as it ends and --json is
+rewritten after each one; --logs keeps every stage's whole output. A run killed from outside
+still leaves what it had measured.
+
 Stages, each in its own process with its own time limit, one table at the end:
   environment    GPU, CUDA, torch, Triton, megatron-core, Transformer Engine, apex
   cpu-suite      the CPU test suite on this host (it hides the GPUs: a CPU smoke test here)
@@ -59,7 +68,7 @@ class Stage:
 @dataclass
 class Outcome:
     stage: Stage
-    status: str  # passed | FAILED | skipped | timeout
+    status: str  # passed | FAILED | skipped (does not apply) | timeout | not-run (budget)
     seconds: float
     figure: str = ""
     detail: Optional[dict] = None
@@ -145,24 +154,70 @@ def _figure(stage: Stage, stdout: str) -> tuple:
     return (lines[-1].strip("= ") if lines else ""), None
 
 
-def run_stage(stage: Stage, te: bool) -> Outcome:
+# A stage left with less than this of the budget is skipped rather than started to be killed.
+MIN_STAGE_SECONDS = 30
+
+
+def _text(output) -> str:
+    return output.decode(errors="replace") if isinstance(output, bytes) else (output or "")
+
+
+def run_stage(stage: Stage, te: bool, timeout: Optional[float] = None,
+              logs: Optional[Path] = None) -> Outcome:
+    """One stage in its own process, limited to `timeout` (default the stage's own); its
+    whole output goes to <logs>/<stage>.log when `logs` is given."""
     if stage.needs_te and not te:
         return Outcome(stage, "skipped", 0.0, "Transformer Engine not installed")
+    limit = stage.timeout if timeout is None else timeout
     start = time.perf_counter()
     try:
         out = subprocess.run(stage.command, cwd=ROOT, capture_output=True, text=True,
-                             timeout=stage.timeout,
+                             timeout=limit,
                              env={**os.environ, "PYTHONUNBUFFERED": "1", **stage.env})
-    except subprocess.TimeoutExpired:
-        return Outcome(stage, "timeout", time.perf_counter() - start,
-                       f"over {stage.timeout} s")
+        stdout, stderr = out.stdout, out.stderr
+    except subprocess.TimeoutExpired as expired:
+        out, stdout, stderr = None, _text(expired.stdout), _text(expired.stderr)
     seconds = time.perf_counter() - start
+    if logs is not None:
+        logs.mkdir(parents=True, exist_ok=True)
+        (logs / f"{stage.name}.log").write_text(
+            f"$ {' '.join(stage.command)}\n{stdout}\n--- stderr ---\n{stderr}")
+    if out is None:
+        return Outcome(stage, "timeout", seconds, f"over {limit:.0f} s")
     if out.returncode != 0:
-        tail = (out.stdout + out.stderr).strip().splitlines()[-12:]
+        tail = (stdout + stderr).strip().splitlines()[-12:]
         print(f"--- {stage.name} failed (exit {out.returncode}):\n" + "\n".join(tail))
         return Outcome(stage, "FAILED", seconds, f"exit {out.returncode}")
-    figure, detail = _figure(stage, out.stdout)
+    figure, detail = _figure(stage, stdout)
     return Outcome(stage, "passed", seconds, figure, detail)
+
+
+def _row(o: Outcome) -> str:
+    return f"{o.stage.name:<32} {o.status:<8} {o.seconds:>7.1f}  {o.figure}"
+
+
+def run_stages(stages: List[Stage], te: bool, budget: Optional[float] = None,
+               logs: Optional[Path] = None, json_path: Optional[Path] = None) -> List[Outcome]:
+    """The stages in order, each one's row printed as it ends and `json_path` rewritten
+    after each; with `budget` (seconds for the whole run) a stage's limit is cut to what is
+    left, and a stage with under MIN_STAGE_SECONDS left is not run (and fails the run)."""
+    started, outcomes = time.perf_counter(), []
+    for stage in stages:
+        left = None if budget is None else budget - (time.perf_counter() - started)
+        print(f"[{time.strftime('%H:%M:%S')}] {stage.name} ...", flush=True)
+        applies = te or not stage.needs_te
+        if applies and left is not None and left < MIN_STAGE_SECONDS:
+            outcome = Outcome(stage, "not-run", 0.0, f"budget spent ({budget:.0f} s)")
+        else:
+            outcome = run_stage(stage, te, None if left is None else min(stage.timeout, left),
+                                logs)
+        outcomes.append(outcome)
+        print(f"[{time.strftime('%H:%M:%S')}] {_row(outcome)}", flush=True)
+        if json_path is not None:
+            json_path.write_text(json.dumps(
+                [{"stage": o.stage.name, "status": o.status, "seconds": o.seconds,
+                  "figure": o.figure, "detail": o.detail} for o in outcomes], indent=1))
+    return outcomes
 
 
 def main() -> int:
@@ -174,7 +229,11 @@ def main() -> int:
     parser.add_argument("--seq", type=int, nargs="+", default=[2048, 8192, 16384],
                         choices=sorted(SEQ_MICRO_BATCH))
     parser.add_argument("--only", nargs="+", default=None, help="run only these stages")
-    parser.add_argument("--json", default=None, help="write every outcome to this file")
+    parser.add_argument("--json", default=None,
+                        help="write every outcome to this file (rewritten after each stage)")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds for the whole run: limits cut to what is left")
+    parser.add_argument("--logs", default=None, help="each stage's whole output to DIR/<stage>.log")
     parser.add_argument("--environment", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.environment:
@@ -202,18 +261,12 @@ def main() -> int:
             print(f"{stage.name:<28} {env + ' ' if env else ''}{' '.join(stage.command[1:])}"
                   f"{'  (with TE only)' if stage.needs_te else ''}")
         return 0
-    outcomes = []
-    for stage in stages:
-        print(f"[{time.strftime('%H:%M:%S')}] {stage.name} ...", flush=True)
-        outcomes.append(run_stage(stage, te))
+    outcomes = run_stages(stages, te, args.budget, Path(args.logs) if args.logs else None,
+                          Path(args.json) if args.json else None)
     print(f"\nGPU acceptance on {gpu} ({time.strftime('%Y-%m-%d')})")
     print(f"{'stage':<32} {'result':<8} {'s':>7}  figure")
     for o in outcomes:
-        print(f"{o.stage.name:<32} {o.status:<8} {o.seconds:>7.1f}  {o.figure}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(
-            [{"stage": o.stage.name, "status": o.status, "seconds": o.seconds,
-              "figure": o.figure, "detail": o.detail} for o in outcomes], indent=1))
+        print(_row(o))
     return 0 if all(o.status in ("passed", "skipped") for o in outcomes) else 1
 
 

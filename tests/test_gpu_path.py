@@ -4,13 +4,25 @@ knobs' resolution (which of them apply where)."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import ROOT
+
+
+def _load_acceptance():
+    """bench/gpu_acceptance.py as a module (bench/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("acceptance", ROOT / "bench/gpu_acceptance.py")
+    acceptance = importlib.util.module_from_spec(spec)
+    sys.modules["acceptance"] = acceptance  # its dataclasses look their module up
+    spec.loader.exec_module(acceptance)
+    return acceptance
 
 
 def _acceptance(*args) -> subprocess.CompletedProcess:
@@ -28,17 +40,12 @@ def test_acceptance_plan_names_every_stage_and_each_bench_config_validates():
     """Every stage of issue 14's acceptance run is planned; each throughput/knob stage's
     configuration (danube_1.8b's architecture on the embedded data) passes validation, so
     the first GPU session does not discover a config error after starting a machine."""
-    import importlib.util
     from argparse import Namespace
-    from pathlib import Path
 
     from danube.config.compose import compose_pretrain_config
     from danube.config.validate import validate
 
-    spec = importlib.util.spec_from_file_location("acceptance", ROOT / "bench/gpu_acceptance.py")
-    acceptance = importlib.util.module_from_spec(spec)
-    sys.modules["acceptance"] = acceptance  # its dataclasses look their module up
-    spec.loader.exec_module(acceptance)
+    acceptance = _load_acceptance()
     stages = acceptance.plan(Namespace(skip_cpu_suite=False, seq=[2048, 8192, 16384],
                                        knobs=True), Path("/tmp/plan"), 989.0)
     names = [stage.name for stage in stages]
@@ -116,3 +123,31 @@ def test_flex_attention_is_refused_for_training_on_a_cpu():
     cfg = compose_pretrain_config("danube_tiny", ["model.attention_backend=flex"])
     problems = preflight(cfg, Machine(world_size=1, cuda=False, transformer_engine=False))
     assert any("attention_backend=flex" in p and "backward" in p for p in problems), problems
+
+
+def test_acceptance_runner_keeps_each_result_within_its_budget(tmp_path, capsys):
+    """The runner a lent GPU machine's short session depends on, with stand-in stages: each
+    row printed and the JSON rewritten as a stage ends (the next stage reads it), a stage's
+    limit cut to what is left of the budget (its output up to the kill kept in its log), a
+    stage with no budget left not run (a failed run), one that does not apply skipped."""
+    acceptance = _load_acceptance()
+    acceptance.MIN_STAGE_SECONDS = 5
+    py, report = sys.executable, tmp_path / "a.json"
+    stages = [
+        acceptance.Stage("quick", [py, "-c", "print('3 passed in 0.1s')"], 60),
+        acceptance.Stage("slow", [py, "-u", "-c", "import json, time; print('rows so far', "
+                                  f"len(json.load(open({str(report)!r})))); time.sleep(60)"],
+                         600),
+        acceptance.Stage("late", [py, "-c", "print('never')"], 60),
+        acceptance.Stage("te-only", [py, "-c", "print('never')"], 60, needs_te=True),
+    ]
+    outcomes = acceptance.run_stages(stages, te=False, budget=8, logs=tmp_path / "logs",
+                                     json_path=report)
+    assert [o.status for o in outcomes] == ["passed", "timeout", "not-run", "skipped"]
+    assert outcomes[0].figure == "3 passed in 0.1s"
+    assert outcomes[1].seconds < 10  # cut from its own 600 s to the budget's remainder
+    assert "rows so far 1" in (tmp_path / "logs" / "slow.log").read_text()
+    assert [r["status"] for r in json.loads(report.read_text())] == \
+        ["passed", "timeout", "not-run", "skipped"]
+    out = capsys.readouterr().out
+    assert out.index("quick ") < out.index("] slow ...")  # quick's row before slow starts
