@@ -357,12 +357,19 @@ def _stop_if_diverged(trainer: Trainer, loss: Optional[float], norm: Optional[fl
     is not read."""
     if all(value is None or math.isfinite(value) for value in (loss, norm)):
         return
+    raise _diverged(trainer, f"loss {loss}, gradient norm {norm}", "trainer.nan_policy=stop",
+                    "this step")
+
+
+def _diverged(trainer: Trainer, cause: str, setting: str, data: str) -> Diverged:
+    """The error a diverged run stops with: the step, what was seen, the setting that
+    stopped it, the checkpoint it resumes from and what to change."""
     latest = latest_checkpoint(checkpoint_root(trainer.cfg.exp_manager))
-    raise Diverged(
-        f"step {trainer.step}: loss {loss}, gradient norm {norm}: the run diverged and stops "
-        f"without saving this step (trainer.nan_policy=stop). Last good checkpoint: "
-        f"{latest or 'none'}. Fix: lower model.optim.lr or raise warmup, check the data of this "
-        "step, then run again (it resumes from that checkpoint)")
+    return Diverged(
+        f"step {trainer.step}: {cause}: the run diverged and stops without saving this step "
+        f"({setting}). Last good checkpoint: {latest or 'none'}. Fix: lower model.optim.lr or "
+        f"raise warmup, check the data of {data}, then run again (it resumes from that "
+        "checkpoint)")
 
 
 class Stopped(RuntimeError):
@@ -409,14 +416,10 @@ def _train_loop(trainer: Trainer, stops: StopRequests) -> None:
             trainer.log.info(f"step {trainer.step}: non-finite gradients (loss "
                              f"{metrics['loss']}): update skipped (trainer.nan_policy=skip)")
             if t.max_consecutive_skips and skipped_in_a_row >= t.max_consecutive_skips:
-                latest = latest_checkpoint(checkpoint_root(cfg.exp_manager))
-                raise Diverged(
-                    f"step {trainer.step}: {skipped_in_a_row} steps in a row had non-finite "
-                    f"gradients and were skipped (trainer.max_consecutive_skips="
-                    f"{t.max_consecutive_skips}): the run diverged and stops without saving "
-                    f"this step. Last checkpoint: {latest or 'none'}. Fix: lower "
-                    "model.optim.lr or raise warmup, check the data of these steps, then run "
-                    "again (it resumes from that checkpoint)")
+                raise _diverged(trainer, f"{skipped_in_a_row} steps in a row had non-finite "
+                                "gradients and were skipped",
+                                f"trainer.max_consecutive_skips={t.max_consecutive_skips}",
+                                "these steps")
         else:
             skipped_in_a_row = 0
             _stop_if_diverged(trainer, None if metrics is None else metrics["loss"], norm)
