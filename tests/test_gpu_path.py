@@ -151,3 +151,92 @@ def test_acceptance_runner_keeps_each_result_within_its_budget(tmp_path, capsys)
         ["passed", "timeout", "not-run", "skipped"]
     out = capsys.readouterr().out
     assert out.index("quick ") < out.index("] slow ...")  # quick's row before slow starts
+
+
+# What the GPU stages load: the recipes, generation, HF conversion, the GPU suite and the
+# helpers it takes from the CPU suite, and the two bench scripts.
+GPU_STAGE_MODULES = ["danube.training.pretrain", "danube.training.sft", "danube.training.dpo",
+                     "danube.inference.generate", "danube.inference.model",
+                     "danube.conversion.importer", "danube.conversion.exporter",
+                     "tests.conftest", "tests.test_conversion", "tests.gpu.test_gpu"]
+GPU_STAGE_SCRIPTS = ["bench/throughput.py", "bench/gpu_acceptance.py"]
+
+# In a fresh interpreter: load those, then read every import statement (module level and in
+# functions) of each of our files that got loaded; print {top-level name: [our files]}.
+_IMPORTS = r"""
+import ast, importlib, importlib.util, json, sys
+from pathlib import Path
+root = Path.cwd()
+for name in sys.argv[1].split(","):
+    importlib.import_module(name)
+for path in sys.argv[2].split(","):
+    spec = importlib.util.spec_from_file_location(Path(path).stem, root / path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+ours = [root / d for d in ("danube", "tests", "bench")]
+found = {}
+for module in list(sys.modules.values()):
+    path = Path(getattr(module, "__file__", None) or "/").resolve()
+    if not any(path.is_relative_to(d) for d in ours) or path.suffix != ".py":
+        continue
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names = [node.module]
+        else:
+            continue
+        for name in names:
+            found.setdefault(name.split(".")[0], set()).add(str(path.relative_to(root)))
+print(json.dumps({k: sorted(v) for k, v in found.items()}))
+"""
+
+
+def _normalized(name: str) -> str:
+    import re
+
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_what_the_gpu_stages_import_is_on_the_gpu_machine_or_carried():
+    """The lent GPU machine has torch, transformers, pytest (bench/gpu_machine_packages.txt)
+    and nothing can be installed there but carried wheels (bench/gpu_wheels.sh). Every
+    package our GPU-stage code imports, and every package a carried one requires, must be in
+    one of the two lists, or each stage fails there at its first import (as fasteners,
+    imported by danube.data.gpt, would have: every pretraining stage)."""
+    import importlib.metadata as md
+    import re
+
+    from packaging.requirements import Requirement
+
+    script = (ROOT / "bench/gpu_wheels.sh").read_text()
+    carried = {_normalized(n) for line in ("wheels", "sdists")
+               for n in re.search(rf"^{line}=\((.*)\)$", script, re.M).group(1).split()}
+    machine = {_normalized(line.strip())
+               for line in (ROOT / "bench/gpu_machine_packages.txt").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    assert {"torch", "transformers", "pytest"} <= machine and "megatron-core" in carried
+
+    run = subprocess.run([sys.executable, "-c", _IMPORTS, ",".join(GPU_STAGE_MODULES),
+                          ",".join(GPU_STAGE_SCRIPTS)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert run.returncode == 0, run.stderr[-3000:]
+    imported = json.loads(run.stdout.strip().splitlines()[-1])
+    bench_modules = {p.stem for p in (ROOT / "bench").glob("*.py")}
+    distributions = md.packages_distributions()
+    needed = {}  # distribution -> who needs it
+    for top, files in imported.items():
+        if top in sys.stdlib_module_names or top in {"danube", "tests", "bench"} | bench_modules:
+            continue
+        for dist in distributions.get(top, [f"(not installed: {top})"]):
+            needed.setdefault(_normalized(dist), set()).update(files)
+    for dist in carried:
+        for line in md.requires(dist) or []:
+            requirement = Requirement(line)
+            if requirement.marker is None or requirement.marker.evaluate(
+                    {"python_version": "3.12", "extra": ""}):
+                needed.setdefault(_normalized(requirement.name), set()).add(f"({dist})")
+    missing = {d: sorted(who) for d, who in needed.items() if d not in machine | carried}
+    assert not missing, f"not on the GPU machine, not carried (bench/gpu_wheels.sh): {missing}"
+    assert {"megatron-core", "hydra-core", "omegaconf", "fasteners"} <= set(needed)
