@@ -193,12 +193,6 @@ print(json.dumps({k: sorted(v) for k, v in found.items()}))
 """
 
 
-def _normalized(name: str) -> str:
-    import re
-
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
 def test_what_the_gpu_stages_import_is_on_the_gpu_machine_or_carried():
     """The lent GPU machine has torch, transformers, pytest (bench/gpu_machine_packages.txt)
     and nothing can be installed there but carried wheels (bench/gpu_wheels.sh). Every
@@ -209,11 +203,12 @@ def test_what_the_gpu_stages_import_is_on_the_gpu_machine_or_carried():
     import re
 
     from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
 
     script = (ROOT / "bench/gpu_wheels.sh").read_text()
-    carried = {_normalized(n) for line in ("wheels", "sdists")
+    carried = {canonicalize_name(n) for line in ("wheels", "sdists")
                for n in re.search(rf"^{line}=\((.*)\)$", script, re.M).group(1).split()}
-    machine = {_normalized(line.strip())
+    machine = {canonicalize_name(line.strip())
                for line in (ROOT / "bench/gpu_machine_packages.txt").read_text().splitlines()
                if line.strip() and not line.startswith("#")}
     assert {"torch", "transformers", "pytest"} <= machine and "megatron-core" in carried
@@ -230,13 +225,13 @@ def test_what_the_gpu_stages_import_is_on_the_gpu_machine_or_carried():
         if top in sys.stdlib_module_names or top in {"danube", "tests", "bench"} | bench_modules:
             continue
         for dist in distributions.get(top, [f"(not installed: {top})"]):
-            needed.setdefault(_normalized(dist), set()).update(files)
+            needed.setdefault(canonicalize_name(dist), set()).update(files)
     for dist in carried:
         for line in md.requires(dist) or []:
             requirement = Requirement(line)
             if requirement.marker is None or requirement.marker.evaluate(
                     {"python_version": "3.12", "extra": ""}):
-                needed.setdefault(_normalized(requirement.name), set()).add(f"({dist})")
+                needed.setdefault(canonicalize_name(requirement.name), set()).add(f"({dist})")
     missing = {d: sorted(who) for d, who in needed.items() if d not in machine | carried}
     assert not missing, f"not on the GPU machine, not carried (bench/gpu_wheels.sh): {missing}"
     assert {"megatron-core", "hydra-core", "omegaconf", "fasteners"} <= set(needed)
