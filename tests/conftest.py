@@ -78,6 +78,70 @@ def run_pretrain(overrides: List[str], nproc: int = 1, check: bool = True,
     return result
 
 
+class Launch:
+    """A launch running in the background (warm, or cold in its own session), for tests that
+    signal it mid-run: `signal` reaches its whole process group, as SLURM signals every
+    process of a job step (loader workers and checkpoint writers included)."""
+
+    def __init__(self, overrides: List[str], launcher: Path = LAUNCHER, cold: bool = False):
+        import tempfile
+
+        self.folder = tempfile.mkdtemp(prefix="danube-launch-")
+        self.out, self.err = (os.path.join(self.folder, n) for n in ("out", "err"))
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(key, None)
+        args = [str(launcher), *overrides]
+        if WARM and not cold:
+            self.proc = warm.start(args[0], args[1:], env, str(ROOT), self.out, self.err)
+            self.pid = self.proc.pid
+        else:
+            with open(self.out, "w") as out, open(self.err, "w") as err:
+                self.proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env,
+                                             stdout=out, stderr=err, start_new_session=True)
+            self.pid = self.proc.pid
+
+    def stdout(self) -> str:
+        return Path(self.out).read_text() if os.path.exists(self.out) else ""
+
+    def stderr(self) -> str:
+        return Path(self.err).read_text() if os.path.exists(self.err) else ""
+
+    def wait_for(self, text: str, timeout: float = 300) -> float:
+        """Block until `text` is in its stdout (fails if it ends first); the time then."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while text not in self.stdout():
+            assert self.poll() is None, f"ended ({self.poll()}) before {text!r}:\n" \
+                f"{self.stdout()[-2000:]}\n{self.stderr()[-3000:]}"
+            assert time.monotonic() < deadline, f"no {text!r} in {timeout} s"
+            time.sleep(0.02)
+        return time.monotonic()
+
+    def signal(self, sig) -> None:
+        os.killpg(self.pid, sig)
+
+    def poll(self):
+        return self.proc.poll()
+
+    def wait(self, timeout: float):
+        """The exit code within `timeout` s, else None (and the whole group is killed)."""
+        import signal
+        import time
+
+        deadline = time.monotonic() + timeout
+        while self.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        code = self.poll()
+        if code is None:
+            try:
+                os.killpg(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return code
+
+
 def run_script(script: Path, args: List[str], timeout: int = 300) -> subprocess.CompletedProcess:
     """`python <script> <args>` from the repository root (warm like run_pretrain); not
     checked."""

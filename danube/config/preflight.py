@@ -310,6 +310,50 @@ STAGE_FILES = {PretrainConfig: _check_files, SFTConfig: _check_sft_files,
                DPOConfig: _check_dpo_files}
 
 
+# Filesystems that live on one machine: a multi-node run's exp_dir there is a different
+# directory on every node (each rank's own checkpoints; a resume on one node sees none).
+LOCAL_FILESYSTEMS = ("ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "overlay", "zfs", "f2fs",
+                     "vfat", "ramfs")
+
+
+def filesystem_type(path: Path, mounts: str = "/proc/mounts") -> Optional[str]:
+    """The type of the filesystem holding `path` (its nearest existing parent), from the
+    longest mount point above it; None where the mount table cannot be read."""
+    try:
+        lines = Path(mounts).read_text().splitlines()
+    except OSError:
+        return None
+    target = Path(path).absolute()
+    while not target.exists() and target != target.parent:
+        target = target.parent
+    target = target.resolve()
+    best, kind = -1, None
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = str(target) == point or str(target).startswith(point.rstrip("/") + "/")
+        if inside and len(point) > best:
+            best, kind = len(point), fields[2]
+    return kind
+
+
+def launch_warnings(cfg, mounts: str = "/proc/mounts") -> List[str]:
+    """What may go wrong but need not (said, not refused)."""
+    warnings = []
+    if cfg.trainer.num_nodes > 1:
+        kind = filesystem_type(Path(cfg.exp_manager.exp_dir), mounts)
+        if kind in LOCAL_FILESYSTEMS:
+            warnings.append(
+                f"exp_manager.exp_dir={cfg.exp_manager.exp_dir} is on a {kind} filesystem, "
+                f"local to this node, while trainer.num_nodes={cfg.trainer.num_nodes}: every "
+                "node would keep its own checkpoints and a requeued job on other nodes would "
+                "not find them. Point exp_dir at a filesystem all nodes share (NFS, Lustre, "
+                "GPFS...)")
+    return warnings
+
+
 def preflight(cfg, machine: Machine) -> List[str]:
     """Every launch-time problem of a pretraining, SFT or DPO launch (never raises, never
     writes)."""

@@ -7,6 +7,8 @@ Launch-time checks (files, TE/CUDA, world size) are in `danube.config.preflight`
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import replace
 from typing import List
 
@@ -80,6 +82,15 @@ def _check_trainer(cfg: PretrainConfig, problems: List[str]) -> None:
     if ckpt.monitor == "val_loss" and t.limit_val_batches == 0:
         problems.append("exp_manager.checkpoint_callback_params.monitor=val_loss needs "
                         "validation: set trainer.limit_val_batches > 0 or monitor=step")
+    elif ckpt.monitor == "val_loss" and ckpt.every_n_train_steps > 0 and t.max_steps > 0 \
+            and t.val_check_interval > 0 \
+            and math.lcm(ckpt.every_n_train_steps, t.val_check_interval) > t.max_steps:
+        problems.append(
+            "exp_manager.checkpoint_callback_params.monitor=val_loss ranks checkpoints by "
+            f"their own step's validation loss, but no save step (every "
+            f"{ckpt.every_n_train_steps}) is a validation step (trainer.val_check_interval="
+            f"{t.val_check_interval}) within trainer.max_steps={t.max_steps}: make "
+            "every_n_train_steps a multiple of val_check_interval, or monitor=step")
     if not cfg.exp_manager.name or "/" in cfg.exp_manager.name:
         problems.append(f"exp_manager.name={cfg.exp_manager.name!r} must be a non-empty "
                         "directory name without '/'")
@@ -239,7 +250,8 @@ def _check_optim(cfg: PretrainConfig, problems: List[str]) -> None:
     horizon = o.sched.max_steps or schedule_default_horizon(cfg)
     if o.sched.warmup_steps < 0 or o.sched.constant_steps < 0:
         problems.append("model.optim.sched.warmup_steps and constant_steps must be >= 0")
-    elif horizon >= 0 and o.sched.warmup_steps + o.sched.constant_steps > horizon:
+    # horizon 0: trainer.max_steps=0 saves the initial weights and runs no update
+    elif horizon > 0 and o.sched.warmup_steps + o.sched.constant_steps > horizon:
         problems.append(f"model.optim.sched: warmup_steps ({o.sched.warmup_steps}) + "
                         f"constant_steps ({o.sched.constant_steps}) exceed the decay horizon "
                         f"({horizon} steps); shorten them or raise trainer.max_steps")

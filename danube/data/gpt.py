@@ -147,12 +147,26 @@ class PretrainingSampler:
 
 def build_loader(dataset: GPTDataset, consumed_samples: int, micro_batch_size: int,
                  dp_rank: int, dp_size: int, num_workers: int,
-                 pin_memory: bool = False) -> torch.utils.data.DataLoader:
+                 pin_memory: bool = False, seed: int = 0,
+                 persistent_workers: bool = False) -> torch.utils.data.DataLoader:
     """`pin_memory` (on GPUs): batches in page-locked memory, so their copies to the device
-    run asynchronously."""
+    run asynchronously. The loader draws its workers' base seed from its own generator
+    (seeded by `seed`): from torch's global one, every loader made after a resume would shift
+    the run's CPU random stream by one draw (dropout would then differ from the straight
+    run). Each iterator is read once, so workers need not persist; `close_loader` ends them."""
     sampler = PretrainingSampler(len(dataset), consumed_samples, micro_batch_size,
                                  dp_rank, dp_size)
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=num_workers,
-        persistent_workers=num_workers > 0, pin_memory=pin_memory,
+        persistent_workers=persistent_workers and num_workers > 0, pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(seed),
     )
+
+
+def close_loader(iterator) -> None:
+    """End a loader iterator's worker processes now (asked through their queues, joined, and
+    terminated if they do not answer in torch's timeout): they block the stop signals, so
+    only this (not SIGTERM) ends them cleanly."""
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()

@@ -15,6 +15,7 @@ newest complete checkpoint stays what `resume_if_exists` picks up.
 from __future__ import annotations
 
 import json
+import math
 import os
 import queue
 import random
@@ -184,10 +185,14 @@ def save_checkpoint(
         _barrier()
         if torch.distributed.get_rank() == 0:
             meta.saved_at = time.time()
-            (tmp / CONFIG_FILE).write_text(config_yaml)
+            _write_durably(tmp / CONFIG_FILE, config_yaml)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
+            # megatron fsyncs the shards and .metadata, not its common.pt / metadata.json
+            for written in (*_COMMON_FILES, TOKENIZER_DIR):
+                _fsync_tree(tmp / written)
             _write_durably(tmp / META_FILE, json.dumps(meta.__dict__, indent=2))
+            _fsync_dir(tmp)
             _commit(tmp, path)
         _barrier()
 
@@ -202,11 +207,34 @@ def save_checkpoint(
     return path
 
 
+_COMMON_FILES = ("common.pt", "metadata.json")
+
+
 def _write_durably(path: Path, text: str) -> None:
     with open(path, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    """A directory's entries (a rename, a new file) reach the disk only with its own fsync."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    """fsync a file, or every file and directory under `path` (absent: nothing)."""
+    if path.is_file():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    elif path.is_dir():
+        for child in path.iterdir():
+            _fsync_tree(child)
+        _fsync_dir(path)
 
 
 def _commit(tmp: Path, final: Path) -> None:
@@ -217,8 +245,23 @@ def _commit(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
     tmp.rename(final)
+    _fsync_dir(final.parent)  # the rename itself is durable only once its directory is
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _best_first(found) -> list:
+    """(step, path, meta) ranked for monitor=val_loss: finite losses, lowest first; then
+    checkpoints without their own validation loss, newest first; a NaN (or infinite) loss is
+    never "best": after all of them, newest first."""
+    def key(f):
+        loss = f[2].val_loss
+        if loss is None:
+            return (1, 0.0, -f[0])
+        if not math.isfinite(loss):
+            return (2, 0.0, -f[0])
+        return (0, loss, -f[0])
+    return sorted(found, key=key)
 
 
 def prune_checkpoints(root: Path, keep: int, monitor: str) -> List[Path]:
@@ -226,10 +269,7 @@ def prune_checkpoints(root: Path, keep: int, monitor: str) -> List[Path]:
     found = [(step, path, read_meta(path)) for step, path in list_checkpoints(root)]
     if len(found) <= keep:
         return []
-    if monitor == "val_loss":
-        ranked = sorted(found, key=lambda f: (f[2].val_loss is None, f[2].val_loss or 0.0))
-    else:
-        ranked = sorted(found, key=lambda f: -f[0])
+    ranked = _best_first(found) if monitor == "val_loss" else sorted(found, key=lambda f: -f[0])
     kept = {path for _, path, _ in ranked[:keep]} | {found[-1][1]}
     removed = [path for _, path, _ in found if path not in kept]
     for path in removed:

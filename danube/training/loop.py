@@ -34,7 +34,6 @@ from danube.paths import (
     checkpoint_dir_name,
     checkpoint_root,
     exp_dir,
-    is_complete,
     latest_checkpoint,
     read_meta,
 )
@@ -44,16 +43,18 @@ from danube.training.data_plan import DataPlanChanged, check_resume
 from danube.training.engine import (
     build_optimizer,
     build_scheduler,
-    params_synced,
     uses_distributed_optimizer,
     wrap_for_training,
 )
 from danube.training.metrics import MetricsLogger
-from danube.training.signals import (
-    STOPPED_EXIT_CODE,
-    StopRequests,
-    children_ignore_stop_signals,
+from danube.training.saving import (
+    CheckpointWriteFailed,
+    finish_saves,
+    remove_orphaned_saves,
+    save,
+    unmeasured_save_seconds,
 )
+from danube.training.signals import STOPPED_EXIT_CODE, ExitCosts, StopRequests, end_children
 from danube.training.step import (
     TOKEN_LOSS_METRICS,
     LossFn,
@@ -139,6 +140,14 @@ class Trainer:
     saves: Optional[object] = None
     """megatron-core's AsyncCallsQueue of the asynchronous saves in flight
     (exp_manager.checkpoint_callback_params.async_save), made at the first one."""
+    committed_step: Optional[int] = None
+    """The step of the newest checkpoint this run committed or resumed from: what every rank
+    decides a save by (never its own view of the filesystem, which may lag on one node)."""
+    pending_save: Optional[tuple] = None
+    """(step, path) of the asynchronous save in flight."""
+    stops: Optional[StopRequests] = None
+    costs: ExitCosts = field(default_factory=ExitCosts)
+    """Measured durations of what runs before an exit (trainer.max_time's margin)."""
 
 
 def is_rank0() -> bool:
@@ -228,6 +237,7 @@ def restore(trainer: Trainer, initial_weights: Optional[Path]) -> None:
         meta = ckpt.load_checkpoint(latest, trainer.model, trainer.optimizer, trainer.scheduler,
                                     dist_opt)
         trainer.step, trainer.consumed_samples = meta.step, meta.consumed_samples
+        trainer.committed_step = meta.step
         trainer.last_val_loss = meta.val_loss
         trainer.last_val_step = meta.step if meta.val_loss is not None else None
         trainer.log.info(f"resumed from {latest} (step {meta.step})")
@@ -241,10 +251,12 @@ def restore(trainer: Trainer, initial_weights: Optional[Path]) -> None:
                              "and config.yaml records it):\n  " + "\n  ".join(changes))
     elif initial_weights is not None:
         load_initial(trainer, initial_weights)
+    remove_orphaned_saves(trainer)  # the resume point is agreed: no .tmp- save is needed
 
 
 def _validate(trainer: Trainer, split: str, batches: int) -> Optional[float]:
     recipe = trainer.recipe
+    start = time.perf_counter()
     steps = recipe.eval_steps(split, batches) if batches else None
     if steps is None:
         return None
@@ -252,6 +264,7 @@ def _validate(trainer: Trainer, split: str, batches: int) -> Optional[float]:
                      recipe.loss_fn, recipe.metric_names)
     metrics = recipe.metrics(means)
     trainer.log.log_validation(trainer.step, metrics, split, recipe.perplexity)
+    trainer.costs.note("validation", time.perf_counter() - start)
     return metrics["loss"]
 
 
@@ -265,68 +278,16 @@ def _downstream(trainer: Trainer) -> None:
     """model.downstream_eval: benchmarks on the live model, logged beside the losses."""
     from danube.evaluation.downstream import score_live_model
 
+    start = time.perf_counter()
     precision = normalized_precision(trainer.cfg.trainer.precision)
     scores = score_live_model(trainer.model, trainer.tokenizer, trainer.cfg.model,
                               trainer.device, precision)
     trainer.log.log_downstream(trainer.step, scores)
-
-
-def save(trainer: Trainer, blocking: bool = False) -> None:
-    """Checkpoint this step (collective). With `async_save` (and not `blocking`) the files are
-    written in the background while training goes on; the checkpoint is committed (and older
-    ones pruned) at a later step boundary, by `finish_saves`."""
-    cfg, m = trainer.cfg, trainer.cfg.model
-    root = checkpoint_root(cfg.exp_manager)
-    meta = CheckpointMeta(
-        step=trainer.step, consumed_samples=trainer.consumed_samples,
-        # its own step's validation loss or none: an older one would misrank it (save_top_k)
-        val_loss=trainer.last_val_loss if trainer.last_val_step == trainer.step else None,
-        layout={"tp": m.tensor_model_parallel_size, "pp": m.pipeline_model_parallel_size,
-                "vp": m.virtual_pipeline_model_parallel_size,
-                "dp": parallel_state.get_data_parallel_world_size()},
-        data_plan=trainer.recipe.data_plan if trainer.recipe else None,
-    )
-    path = root / checkpoint_dir_name(trainer.step)
-    in_background = cfg.exp_manager.checkpoint_callback_params.async_save and not blocking
-    finish_saves(trainer)  # one save in flight at a time
-    start = time.perf_counter()
-    # params_synced: an overlapped weight all-gather completes before the weights are saved
-    with children_ignore_stop_signals(), params_synced(trainer.model):
-        saved = ckpt.save_checkpoint(
-            path, trainer.model, meta, trainer.config_yaml,
-            tokenizer=trainer.tokenizer, optimizer=trainer.optimizer,
-            scheduler=trainer.scheduler,
-            distributed_optimizer=uses_distributed_optimizer(m.optim), async_save=in_background)
-        if in_background:
-            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
-
-            saved.add_finalize_fn(lambda: _after_save(trainer, path, "written in the background"))
-            trainer.saves = trainer.saves or AsyncCallsQueue()
-            trainer.saves.schedule_async_request(saved)  # stages the tensors, forks the writer
-            trainer.log.info(f"step {trainer.step}: writing checkpoint {path.name} in the "
-                             f"background (training paused {time.perf_counter() - start:.2f} s)")
-            return
-    _after_save(trainer, path, f"training paused {time.perf_counter() - start:.2f} s")
-
-
-def _after_save(trainer: Trainer, path: Path, how: str) -> None:
-    barrier()
-    if is_rank0():  # after the barrier: the other ranks train on meanwhile
-        params = trainer.cfg.exp_manager.checkpoint_callback_params
-        ckpt.prune_checkpoints(checkpoint_root(trainer.cfg.exp_manager), params.save_top_k,
-                               params.monitor)
-    trainer.log.info(f"saved checkpoint {path} ({how})")
-
-
-def finish_saves(trainer: Trainer, blocking: bool = True) -> None:
-    """Commit the asynchronous saves whose writers are done on every rank (collective: one
-    small all-reduce while a save is in flight, nothing otherwise); `blocking` waits for
-    them."""
-    if trainer.saves is not None and trainer.saves.get_num_unfinalized_calls():
-        trainer.saves.maybe_finalize_async_calls(blocking=blocking)
+    trainer.costs.note("downstream", time.perf_counter() - start)
 
 
 DIVERGED_EXIT_CODE = 3
+CHECKPOINT_FAILED_EXIT_CODE = 4
 
 
 class Diverged(RuntimeError):
@@ -364,7 +325,9 @@ def _stop_if_diverged(trainer: Trainer, loss: Optional[float], norm: Optional[fl
 def _diverged(trainer: Trainer, cause: str, setting: str, data: str) -> Diverged:
     """The error a diverged run stops with: the step, what was seen, the setting that
     stopped it, the checkpoint it resumes from and what to change."""
-    latest = latest_checkpoint(checkpoint_root(trainer.cfg.exp_manager))
+    finish_saves(trainer)  # an earlier, finite step's save in flight commits first
+    latest = None if trainer.committed_step is None else \
+        checkpoint_root(trainer.cfg.exp_manager) / checkpoint_dir_name(trainer.committed_step)
     return Diverged(
         f"step {trainer.step}: {cause}: the run diverged and stops without saving this step "
         f"({setting}). Last good checkpoint: {latest or 'none'}. Fix: lower model.optim.lr or "
@@ -377,17 +340,32 @@ class Stopped(RuntimeError):
 
 
 def train_loop(trainer: Trainer) -> None:
-    stops = StopRequests(parse_max_time(trainer.cfg.trainer.max_time))
+    trainer.stops = StopRequests(parse_max_time(trainer.cfg.trainer.max_time))
+    trainer.costs.unmeasured_save = unmeasured_save_seconds(trainer)
+    steps = trainer.recipe.train_steps(trainer.step, trainer.cfg.trainer.max_steps,
+                                       trainer.consumed_samples)
     try:
-        _train_loop(trainer, stops)
+        _train_loop(trainer, steps)
     finally:
-        stops.restore()
+        # the step generator owns the data loaders: closing it ends their worker processes
+        # now, not whenever (or never, from a traceback's frames) it is collected
+        steps.close()
+    trainer.stops.restore()
 
 
-def _train_loop(trainer: Trainer, stops: StopRequests) -> None:
+def _stop_margin(trainer: Trainer) -> float:
+    """Seconds the next step and everything after it until the exit would take."""
+    t, nxt = trainer.cfg.trainer, trainer.step + 1
+    last = nxt == t.max_steps
+    validates = nxt % t.val_check_interval == 0 or last
+    d = trainer.cfg.model.downstream_eval
+    downstream = bool(d.tasks) and (nxt % (d.every_n_steps or t.val_check_interval) == 0 or last)
+    return trainer.costs.margin(validates, downstream, trainer.pending_save is not None)
+
+
+def _train_loop(trainer: Trainer, steps: Iterator[StepData]) -> None:
     cfg, t, recipe = trainer.cfg, trainer.cfg.trainer, trainer.recipe
     every = cfg.exp_manager.checkpoint_callback_params.every_n_train_steps
-    steps = recipe.train_steps(trainer.step, t.max_steps, trainer.consumed_samples)
     trainer.log.start(trainer.step)
     window_time, window_tokens = 0.0, 0  # training time only: not validation, not saving
     poisoned = _injected_nan_steps()
@@ -427,6 +405,7 @@ def _train_loop(trainer: Trainer, stops: StopRequests) -> None:
             recipe.check_first_step(metrics)
         trainer.consumed_samples += data.samples
         step_time = time.perf_counter() - step_start
+        trainer.costs.note("step", step_time)
         window_time, window_tokens = window_time + step_time, window_tokens + data.tokens
         if logged:
             trainer.log.log_train(
@@ -443,18 +422,20 @@ def _train_loop(trainer: Trainer, stops: StopRequests) -> None:
         finish_saves(trainer, blocking=False)
         if every and trainer.step % every == 0:
             save(trainer)
-        reason = stops.agreed(step_time, trainer.device) if not last else None
+        reason = trainer.stops.agreed(_stop_margin(trainer), trainer.device) \
+            if not last else None
         if reason is not None:
             finish_saves(trainer)
-            here = checkpoint_root(cfg.exp_manager) / checkpoint_dir_name(trainer.step)
-            if not is_complete(here):
+            # the loop's own record, the same on every rank (not this node's view of the disk)
+            if trainer.committed_step != trainer.step:
                 save(trainer, blocking=True)
+            here = checkpoint_root(cfg.exp_manager) / checkpoint_dir_name(trainer.step)
             raise Stopped(f"stopped after step {trainer.step} for {reason}; saved {here}. Run "
                           "the same command again to resume")
     # The last step, unless already saved (also step 0 with max_steps=0: initial weights).
     finish_saves(trainer)
-    if cfg.exp_manager.checkpoint_callback_params.save_last and not is_complete(
-            checkpoint_root(cfg.exp_manager) / checkpoint_dir_name(trainer.step)):
+    if cfg.exp_manager.checkpoint_callback_params.save_last and \
+            trainer.committed_step != trainer.step:
         save(trainer, blocking=True)
 
 
@@ -466,12 +447,11 @@ def _exit_stopped(message: str) -> None:
     tasks still running when the first exits non-zero, and a killed task's 128+N would hide
     the 75 from the script deciding to requeue. So the slow parts come first (multiprocessing
     children, e.g. dist_checkpointing's writer Manager holding our stdout; what interpreter
-    exit would do and os._exit does not), then a barrier, then os._exit. Rank 0 also writes
+    exit would do and os._exit does not; bounded: our children block SIGTERM, so
+    multiprocessing's own exit would join them forever), then a barrier, then os._exit. Rank 0 also writes
     $DANUBE_STOP_MARKER (the sbatch script sets it) after the save: the script requeues on it
     even if srun's code was overwritten."""
-    import multiprocessing.util
-
-    multiprocessing.util._exit_function()
+    end_children()
     marker = os.environ.get(STOP_MARKER_ENV)
     if marker and is_rank0():
         Path(marker).write_text(message + "\n")
@@ -515,6 +495,11 @@ def run(trainer: Trainer, recipe: Recipe, precision: PrecisionChoice,
             print(f"error: {error}", file=sys.stderr, flush=True)
         trainer.log.close()
         sys.exit(DIVERGED_EXIT_CODE)
+    except CheckpointWriteFailed as error:
+        if is_rank0():
+            print(f"error: {error}", file=sys.stderr, flush=True)
+        trainer.log.close()
+        sys.exit(CHECKPOINT_FAILED_EXIT_CODE)
     except Stopped as stop:
         trainer.log.info(str(stop))
         trainer.log.close()

@@ -17,7 +17,13 @@ from danube.config.derived import (
 )
 from danube.config.schema import PretrainConfig
 from danube.data.embedded import embedded_tokenizer, ensure_embedded_corpus
-from danube.data.gpt import build_gpt_datasets, build_loader, data_plan, gpt_dataset_config
+from danube.data.gpt import (
+    build_gpt_datasets,
+    build_loader,
+    close_loader,
+    data_plan,
+    gpt_dataset_config,
+)
 from danube.paths import exp_dir
 from danube.runtime import use_cuda
 from danube.training.distributed import init_distributed, shutdown
@@ -119,12 +125,15 @@ def pretraining_recipe(cfg: PretrainConfig, tokenizer, corpus_dir) -> Recipe:
         micro = st.global_batch_size // (st.micro_batch_size * dp_size)
         with children_ignore_stop_signals():  # data-loader workers start here
             loader = iter(build_loader(datasets[stage][split], consumed, st.micro_batch_size,
-                                       dp_rank, dp_size, m.data.num_workers, pin))
-        counts = {"seq_length": st.seq_length} if ramp else {}
-        for _ in range(count):
-            tokens = st.global_batch_size * st.seq_length
-            yield StepData([next(loader) for _ in range(micro)], st.global_batch_size, tokens,
-                           counts, tokens if by_tokens else 1)
+                                       dp_rank, dp_size, m.data.num_workers, pin, m.seed))
+        try:
+            counts = {"seq_length": st.seq_length} if ramp else {}
+            for _ in range(count):
+                tokens = st.global_batch_size * st.seq_length
+                yield StepData([next(loader) for _ in range(micro)], st.global_batch_size,
+                               tokens, counts, tokens if by_tokens else 1)
+        finally:  # the generator closed (the loop's end, a stop, an error): workers end now
+            close_loader(loader)
 
     def train_steps(first: int, last: int, consumed: int) -> Iterator[StepData]:
         step = first
@@ -152,7 +161,9 @@ def pretraining_recipe(cfg: PretrainConfig, tokenizer, corpus_dir) -> Recipe:
         return list(steps(stage, index, 0, batches))
 
     train_sets = [ds[0] for ds in datasets]
-    if ramp:
+    if any(ds is None for ds in train_sets):  # trainer.max_steps=0: nothing is ever read
+        plan, hint = None, ""
+    elif ramp:
         plan = {"stages": [{"encoder_seq_length": st.seq_length,
                             "global_batch_size": st.global_batch_size, "steps": st.steps,
                             **data_plan(ds)} for st, ds in zip(stages, train_sets)]}

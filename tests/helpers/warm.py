@@ -222,5 +222,10 @@ def run(script: str, args: List[str], env: dict, cwd: str, nproc: int, master_po
                                            Path(err).read_text() if os.path.exists(err) else "")
 
 
+def start(script: str, args: List[str], env: dict, cwd: str, out: str, err: str) -> _Process:
+    """One warm process, not waited for (the caller signals it, polls it, kills it)."""
+    return _Process(_ensure_server(dict(os.environ)), [script, *args], env, cwd, out, err)
+
+
 if __name__ == "__main__":
     serve(sys.argv[1])
