@@ -130,5 +130,7 @@ def test_every_rank_takes_the_same_save_decision_when_one_view_lags(tmp_path, mo
                                   "model.optim.sched.max_steps=3"),
                             nproc=2, launcher=wrapper, timeout=90)
     assert "step 3/3" in finished.stdout
-    assert sorted(p.name for p in (tmp_path / "end" / "checkpoints").iterdir()) == [
-        "step_00000002", "step_00000003"]
+    names = {p.name for p in (tmp_path / "end" / "checkpoints").iterdir()}
+    # (pruning, rank 0's alone, sees nothing complete through the lagging view: it keeps all)
+    assert {"step_00000002", "step_00000003"} <= names and not any(
+        n.startswith(".tmp-") for n in names)
