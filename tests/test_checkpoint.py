@@ -196,3 +196,79 @@ def test_every_rank_resumes_the_checkpoint_rank0_chose(tmp_path):
                              str(tmp_path)), nprocs=2)
     expected = str(tmp_path / "rank0" / "step_00000004")
     assert [(tmp_path / f"chosen{r}").read_text() for r in (0, 1)] == [expected, expected]
+
+
+def test_prune_by_val_loss_never_keeps_nan_or_unscored_ones_before_real_losses(tmp_path):
+    """{2.0, NaN, 1.5, 1.4, none} with k=2: the two lowest real losses and the newest stay.
+    (Sorted naively, NaN compared as neither lower nor higher and none as 0.0: 2.0, NaN and the
+    newest were kept, 1.5 and 1.4 deleted.) Among checkpoints without a loss, newest first;
+    NaN after them."""
+    for step, loss in ((1, 2.0), (2, float("nan")), (3, 1.5), (4, 1.4), (5, None)):
+        _complete(tmp_path, step, loss)
+    ckpt.prune_checkpoints(tmp_path, keep=2, monitor="val_loss")
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [3, 4, 5]
+    for step in (6, 7):
+        _complete(tmp_path, step, None)
+    _complete(tmp_path, 8, float("nan"))
+    ckpt.prune_checkpoints(tmp_path, keep=4, monitor="val_loss")
+    # 1.4, 1.5, then the newest unscored (7), then the next (6); NaN (8) only as the newest
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [3, 4, 6, 7, 8]
+
+
+def test_a_commit_is_durable(tmp_path, megatron_world, monkeypatch):
+    """Every file the commit writes (config, tokenizer files, metadata, megatron's common.pt
+    and metadata.json, which its writer does not fsync) is fsynced before the rename, then the
+    checkpoint and its parent directory, so a crash right after cannot leave a committed name
+    over missing contents."""
+    import os
+
+    synced = []
+    real_fsync = os.fsync
+
+    def recording(fd):
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def written(state, directory, **kwargs):
+        for name in ("__0_0.distcp", "common.pt", "metadata.json"):
+            Path(directory, name).write_bytes(b"x")
+
+    class _Tokenizer:
+        def save_pretrained(self, path):
+            Path(path).mkdir()
+            (Path(path) / "tokenizer.json").write_text("{}")
+
+    monkeypatch.setattr(ckpt.dist_checkpointing, "save", written)
+    monkeypatch.setattr(ckpt.os, "fsync", recording)
+    path = ckpt.save_checkpoint(tmp_path / "ckpts" / "step_00000001", [_Stub()],
+                                CheckpointMeta(step=1, consumed_samples=1), "a: 1\n",
+                                tokenizer=_Tokenizer(), optimizer=_Stub(), scheduler=_Stub())
+    tmp = path.with_name(".tmp-step_00000001")
+    names = {p.name if p.parent in (tmp, path) else f"{p.parent.name}/{p.name}" for p in synced}
+    assert {"config.yaml", "common.pt", "metadata.json", "danube_checkpoint.json",
+            "tokenizer/tokenizer.json", "ckpts/.tmp-step_00000001"} <= names, names
+    assert tmp_path / "ckpts" in synced  # the rename itself
+
+
+def test_orphaned_temporary_saves_are_removed_with_a_log_line(tmp_path):
+    from types import SimpleNamespace
+
+    from danube.training.saving import remove_orphaned_saves
+
+    root = tmp_path / "run" / "checkpoints"
+    good = _complete(root, 10)
+    for name in (".tmp-step_00000020", ".tmp-step_00000015"):
+        (root / name).mkdir()
+        (root / name / "__0_0.distcp").write_bytes(b"x" * 300_000)
+    said = []
+    trainer = SimpleNamespace(
+        cfg=SimpleNamespace(exp_manager=SimpleNamespace(exp_dir=str(tmp_path), name="run")),
+        log=SimpleNamespace(info=said.append))
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        pytest.skip("needs the process group")
+    remove_orphaned_saves(trainer)
+    assert [p.name for p in root.iterdir()] == [good.name]
+    assert said == ["removed 2 unfinished checkpoint save(s) (.tmp-step_00000015, "
+                    ".tmp-step_00000020): 0.6 MB freed"]

@@ -31,11 +31,11 @@ pytestmark = pytest.mark.skipif(
 
 
 def _submit(cluster: SlurmCluster, tmp_path: Path, script: str, args: list, config: str,
-            sbatch: tuple = ()):
+            sbatch: tuple = (), env_extra: dict = None):
     """sbatch the project's script as a user would (2 tasks, the fake GPUs); the job id."""
     venv_bin = str(Path(os.sys.executable).parent)
     env = {**cluster.env, "PATH": f"{venv_bin}:{os.environ['PATH']}", "CONFIG": config,
-           "MASTER_PORT": str(free_port()), "PYTHONUNBUFFERED": "1"}
+           "MASTER_PORT": str(free_port()), "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "OMP_NUM_THREADS"):
         env.pop(key, None)
     submitted = subprocess.run(
@@ -68,7 +68,7 @@ def _stopped_requeued_and_finished(cluster, job: str, tmp_path: Path, signal_nam
     stopped = [line for line in text.splitlines() if "stopped after step" in line]
     assert len(stopped) == 1 and signal_name in stopped[0], text[-4000:]
     step = int(stopped[0].split("stopped after step ")[1].split()[0])
-    assert f"requeueing job {job} (restart 1)" in text
+    assert f"requeueing job {job} (requeue 1 of at most 20)" in text
     assert f"(step {step})" in text.split(f"requeueing job {job}")[1]  # resumed there
     assert first_step <= step < last_step
     assert not list(ROOT.glob(".danube-stopped-*"))  # the script's stop marker is gone
@@ -176,5 +176,27 @@ def test_a_job_at_its_time_limit_saves_and_is_requeued(tmp_path, init_checkpoint
         straight = train_losses(tmp_path / "straight")
         assert list(straight) == list(range(10, TIME_LIMIT_STEPS + 1, 10))
         assert train_losses(tmp_path / "slurm") == straight
+    finally:
+        cluster.stop()
+
+
+def test_the_script_says_why_it_stops_requeueing(tmp_path, init_checkpoint):
+    """MAX_RESTARTS=0: a run stopped by trainer.max_time (exit 75, checkpoint saved) is not
+    requeued, and the job's log says why and how to go on; the job ends FAILED with 75."""
+    args = [a for a in dp2_distributed_args(tmp_path, init_checkpoint)
+            if "max_steps" not in a] + ["trainer.max_steps=100000",
+                                        "model.optim.sched.max_steps=100000",
+                                        "trainer.max_time=00:00:00:15"]
+    cluster = SlurmCluster(tmp_path / "slurm").start()
+    try:
+        job = _submit(cluster, tmp_path, "launchers/slurm/pretrain.sbatch", args, "danube_tiny",
+                      env_extra={"MAX_RESTARTS": "0"})
+        info = cluster.wait(job, timeout=300)
+        text = (tmp_path / f"slurm-{job}.out").read_text()
+        assert info["Restarts"] == "0" and info["ExitCode"].startswith("75"), (info, text[-3000:])
+        assert "stopped after step" in text
+        assert f"not requeueing job {job}: it stopped to be resumed (exit 75), but this " \
+               "script already requeued it 0 times (MAX_RESTARTS=0)" in text
+        assert not list(ROOT.glob(".danube-requeues-*"))
     finally:
         cluster.stop()

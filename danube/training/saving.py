@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 from megatron.core import parallel_state
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
 from danube.paths import (
     TMP_PREFIX,
@@ -62,20 +63,37 @@ def unmeasured_save_seconds(trainer) -> float:
     return state_bytes(trainer) / UNMEASURED_SAVE_BYTES_PER_S
 
 
-def _is_disk_full(error: BaseException) -> bool:
-    seen, todo = set(), [error]
+def _causes(error: BaseException) -> list:
+    """The error, its causes and, for torch's CheckpointException, each rank's failure."""
+    seen, todo, found = set(), [error], []
     while todo:
         e = todo.pop()
-        if e is None or id(e) in seen:
+        if isinstance(e, tuple):  # torch.distributed.checkpoint's (exception, traceback)
+            todo += [x for x in e if isinstance(x, BaseException)]
+            continue
+        if not isinstance(e, BaseException) or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        found.append(e)
+        todo += [e.__cause__, e.__context__, *getattr(e, "failures", {}).values()]
+    return found
+
+
+def _is_disk_full(error: BaseException, root: Path, needed: int) -> bool:
+    """ENOSPC anywhere in the chain, or (torch's zip writer reports a short write as
+    "unexpected pos") less space free than a checkpoint needs."""
+    for e in _causes(error):
+        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or \
+                "No space left on device" in str(e):
             return True
-        if "No space left on device" in str(e):
-            return True
-        todo += [e.__cause__, e.__context__]
-        todo += [v for v in getattr(e, "failures", {}).values() if isinstance(v, BaseException)]
-    return False
+    return shutil.disk_usage(root).free < needed
+
+
+def _root_cause(error: BaseException) -> str:
+    causes = _causes(error)
+    deepest = causes[-1] if causes else error
+    first = str(deepest).strip().splitlines()
+    return f"{type(deepest).__name__}: {first[0] if first else ''}"
 
 
 def _dir_bytes(path: Path) -> int:
@@ -85,17 +103,18 @@ def _dir_bytes(path: Path) -> int:
 def describe_write_failure(trainer, path: Path, error: BaseException) -> str:
     """What went wrong with the save of `path`, and for a full disk: where, how much is
     needed (the newest checkpoint's size, or the state's estimate) and how much is free."""
-    if not _is_disk_full(error):
-        first = str(error).strip().splitlines()
-        return f"{type(error).__name__}: {first[0] if first else ''}"
     root = path.parent
     newest = latest_checkpoint(root)
     world = torch.distributed.get_world_size()
     needed = _dir_bytes(newest) if newest is not None else state_bytes(trainer) * world
+    if not _is_disk_full(error, root, needed):
+        return _root_cause(error)
     free = shutil.disk_usage(root).free
+    keep = trainer.cfg.exp_manager.checkpoint_callback_params.save_top_k
     return (f"no space left on the device of {root}: a checkpoint needs about "
-            f"{needed / 1e6:,.0f} MB, {free / 1e6:,.0f} MB are free. Free space there (or lower "
-            "exp_manager.checkpoint_callback_params.save_top_k), or point exp_manager.exp_dir "
+            f"{needed / 1e6:,.0f} MB, {free / 1e6:,.0f} MB are free (save_top_k={keep} keeps "
+            f"up to {keep + 1} checkpoints while the next is written). Free space there, lower "
+            "exp_manager.checkpoint_callback_params.save_top_k, or point exp_manager.exp_dir "
             "at a larger filesystem")
 
 
@@ -132,7 +151,8 @@ def save(trainer, blocking: bool = False) -> None:
                     scheduler=trainer.scheduler,
                     distributed_optimizer=uses_distributed_optimizer(m.optim),
                     async_save=in_background)
-            except Exception as error:  # noqa: BLE001 - said with the directory, re-raised
+            except (Exception, CheckpointException) as error:  # said with the directory
+                _remove_failed(path)
                 raise CheckpointWriteFailed(
                     f"step {step}: saving {path} failed: "
                     f"{describe_write_failure(trainer, path, error)}") from error
@@ -182,8 +202,6 @@ def finish_saves(trainer, blocking: bool = True) -> None:
     them. A write that failed on any rank (its writer killed, a full disk) fails on every rank
     alike: it is logged by step, its `.tmp-` directory removed, and the last committed
     checkpoint stays the resume point."""
-    from torch.distributed.checkpoint.api import CheckpointException
-
     if trainer.saves is None or not trainer.saves.get_num_unfinalized_calls():
         return
     try:
@@ -194,12 +212,19 @@ def finish_saves(trainer, blocking: bool = True) -> None:
         trainer.saves.async_calls.clear()
         keep = "none" if trainer.committed_step is None else \
             checkpoint_dir_name(trainer.committed_step)
+        if path is not None:
+            _remove_failed(path)
         trainer.log.info(
             f"warning: step {step}: the background write of checkpoint {path} failed "
             f"({describe_write_failure(trainer, path, error)}); the resume point stays {keep}")
-        torch.distributed.barrier()
-        if _rank0() and path is not None:
-            shutil.rmtree(path.with_name(f"{TMP_PREFIX}{path.name}"), ignore_errors=True)
+
+
+def _remove_failed(path: Path) -> None:
+    """The `.tmp-` directory of a failed save (collective: rank 0 removes, all wait)."""
+    torch.distributed.barrier()
+    if _rank0():
+        shutil.rmtree(path.with_name(f"{TMP_PREFIX}{path.name}"), ignore_errors=True)
+    torch.distributed.barrier()
 
 
 def remove_orphaned_saves(trainer) -> None:
