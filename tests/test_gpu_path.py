@@ -235,3 +235,98 @@ def test_what_the_gpu_stages_import_is_on_the_gpu_machine_or_carried():
     missing = {d: sorted(who) for d, who in needed.items() if d not in machine | carried}
     assert not missing, f"not on the GPU machine, not carried (bench/gpu_wheels.sh): {missing}"
     assert {"megatron-core", "hydra-core", "omegaconf", "fasteners"} <= set(needed)
+
+
+@pytest.mark.parametrize("peft", [False, True])
+def test_every_parameter_is_created_on_megatron_s_device(megatron_world, peft):
+    """megatron-core creates its weights on `torch.cuda.current_device()` (an explicit
+    `device=`); everything our code adds (norms, LoRA adapters) must follow it, or on a GPU
+    the first norm (or the optimizer) meets a CPU weight. Built with every explicit device
+    sent to `meta` (the CPU shim's current device stands for the GPU): a parameter or buffer
+    left on the CPU was created without megatron's device."""
+    from danube.config.schema import LoraTuningConfig, ModelConfig, PeftConfig
+    from danube.model.builder import _ForceDevice, build_model_chunks, transformer_config
+
+    m = ModelConfig(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
+                    num_query_groups=2)
+    lora = PeftConfig(peft_scheme="lora", lora_tuning=LoraTuningConfig(adapter_dim=4)) if peft \
+        else None
+    config = transformer_config(m, "bf16", False)
+    with _ForceDevice("meta"):
+        chunks = build_model_chunks(m, config, 100, False, lora)
+    off = [(name, t.device, t.dtype) for chunk in chunks
+           for name, t in [*chunk.named_parameters(), *chunk.named_buffers()]
+           if t.device.type != "meta"]
+    assert off == []
+    dtypes = {p.dtype for chunk in chunks for p in chunk.parameters()}
+    assert dtypes == {config.params_dtype}, dtypes
+
+
+def test_training_moves_the_chunks_to_the_current_cuda_device(monkeypatch):
+    """As Megatron-LM's get_model: every chunk (adapters included) goes to the current CUDA
+    device before Float16Module/DDP wrap it; on a CPU nothing moves."""
+    import torch
+
+    from danube.training import loop
+
+    moved = []
+
+    class Chunk(torch.nn.Module):
+        def cuda(self, device=None):
+            moved.append(device)
+            return self
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    chunks = [Chunk(), Chunk()]
+    assert loop.to_training_device(chunks, torch.device("cuda", 3)) == chunks
+    assert moved == [3, 3]
+    moved.clear()
+    loop.to_training_device(chunks, torch.device("cpu"))
+    assert moved == []
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_rmsnorm_equals_transformers_and_saves_no_fp32_copy_in_bf16(dtype):
+    """Our RMSNorm against transformers' LlamaRMSNorm (the formula of the models we import):
+    the same output and gradients bit for bit, in fp32 and in bf16. In bf16 autograd keeps
+    only the bf16 input for the norm (the backward recomputes the fp32 normalization): the
+    plain composition saved an fp32 copy of the input too, 2x the activation memory of
+    every norm (measured here with saved-tensor hooks)."""
+    import torch
+    from megatron.core.transformer.transformer_config import TransformerConfig
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from danube.model.norm import RMSNorm
+
+    dt = getattr(torch, dtype)
+    h = 64
+    config = TransformerConfig(num_layers=1, hidden_size=h, num_attention_heads=4,
+                               params_dtype=dt, use_cpu_initialization=True)
+    ours, theirs = RMSNorm(config, h, eps=1e-5), LlamaRMSNorm(h, eps=1e-5).to(dt)
+    weight = torch.randn(h, generator=torch.Generator().manual_seed(0)).to(dt)
+    with torch.no_grad():
+        ours.weight.copy_(weight)
+        theirs.weight.copy_(weight)
+    x = (3 * torch.randn(5, 3, h, generator=torch.Generator().manual_seed(1))).to(dt)
+    r = torch.randn(5, 3, h, generator=torch.Generator().manual_seed(2))
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    results = []
+    for module in (ours, theirs):
+        xi = x.clone().requires_grad_(True)
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = module(xi)
+        bytes_saved = sum(saved)
+        (out.float() * r).sum().backward()
+        results.append((out.detach(), xi.grad, module.weight.grad.clone(), bytes_saved))
+    (o1, gx1, gw1, b1), (o2, gx2, gw2, b2) = results
+    assert torch.equal(o1, o2) and torch.equal(gx1, gx2) and torch.equal(gw1, gw2)
+    if dt == torch.bfloat16:
+        n = x.numel()
+        assert b1 <= 2 * (2 * n) + 2 * h + 64, (b1, b2)  # x and the normalized x, in bf16
+        assert b2 >= b1 + 4 * n  # transformers' keeps an fp32 copy besides

@@ -178,7 +178,8 @@ def build_trainer(cfg, tokenizer, vocab_size: int, per_token_loss: bool = False)
     use_te = uses_transformer_engine(m)
     config = transformer_config(m, normalized_precision(cfg.trainer.precision), use_te)
     config.calculate_per_token_loss = per_token_loss
-    chunks = build_model_chunks(m, config, vocab_size, use_te, getattr(m, "peft", None))
+    chunks = to_training_device(
+        build_model_chunks(m, config, vocab_size, use_te, getattr(m, "peft", None)), device)
     model = wrap_for_training(
         chunks, config, m.optim,
         parallel_state.get_data_parallel_world_size(with_context_parallel=True))
@@ -189,6 +190,17 @@ def build_trainer(cfg, tokenizer, vocab_size: int, per_token_loss: bool = False)
     log = MetricsLogger(exp_dir(cfg.exp_manager), cfg.exp_manager.create_tensorboard_logger,
                         cfg.trainer.max_steps, enabled=is_rank0())
     return Trainer(cfg, model, optimizer, scheduler, device, log, tokenizer)
+
+
+def to_training_device(chunks: List, device: torch.device) -> List:
+    """Every chunk, adapters included, on the current CUDA device before Float16Module and
+    DDP wrap it (Megatron-LM's get_model does the same: megatron-core's DDP moves parameters
+    into its CUDA buffers only for the distributed optimizer, so with adamw a parameter left on
+    the CPU would stay there). On a CPU nothing moves."""
+    if device.type == "cuda":
+        for chunk in chunks:
+            chunk.cuda(torch.cuda.current_device())
+    return chunks
 
 
 def agreed_latest_checkpoint(root: Path) -> Optional[Path]:
