@@ -13,10 +13,13 @@ The header names the CPU's vector capability and whether it has native bf16 (AVX
 AMX), and what `trainer.precision=auto` picks there: bf16 ratios hold only for that kind of CPU.
 Engines alternate for --rounds rounds (a shared machine's load then hits them alike); each
 round reports the median step over the timed steps, and the table shows each engine's best
-round: tokens/s (per GPU: one process), peak memory, ratio to hf-fp32, model FLOP/s and, with
---peak-tflops, MFU in two conventions: attention counted causal within the window (the work
-done; `danube.config.derived.training_flops_per_token`) and Megatron-LM's (every key of the
-sequence, "MFU-mg": higher, and inflated 72% at 16k with a 4096 window).
+round: tokens/s (per GPU: one process), peak memory allocated and reserved (workers set
+PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True), ratio to hf-fp32, model FLOP/s and, with
+--peak-tflops, MFU in three conventions (`danube.config.derived.training_flops_per_token`):
+"MFU" attention counted causal within the window (the work done), "MFU-mg" Megatron-LM 0.16's
+(causal over the whole sequence, the window ignored), "MFU-all" PaLM/MPT's (every key of the
+sequence: inflated 72% at 16k with a 4096 window). A step is the config's global batch:
+accumulate with model.global_batch_size = k x micro_batch_size, as a real run does.
 
     python bench/throughput.py --arch danube_1.8b --engines danube-bf16 --peak-tflops 989 \
         model.encoder_seq_length=2048 model.micro_batch_size=8 model.global_batch_size=8
@@ -146,15 +149,21 @@ def worker(engine, overrides, steps, warmup):
 
     m = cfg.model
     tokens = m.global_batch_size * m.encoder_seq_length
-    peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
+    cuda = torch.cuda.is_available()
+    peak = (torch.cuda.max_memory_allocated() if cuda
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    reserved = torch.cuda.max_memory_reserved() if cuda else peak
     rows = padded_vocab_size(m.vocab_size or vocab, m)
     print(json.dumps({
         "engine": engine, "median_step_s": statistics.median(times),
         "tokens_per_s": tokens / statistics.median(times), "peak_mib": peak / 2**20,
+        "reserved_mib": reserved / 2**20,
+        "micro_batches": m.global_batch_size // m.micro_batch_size,
         "flops_per_token": training_flops_per_token(m, rows, m.encoder_seq_length),
         "flops_per_token_megatron": training_flops_per_token(m, rows, m.encoder_seq_length,
-                                                             causal_window=False),
+                                                             attention="megatron"),
+        "flops_per_token_full": training_flops_per_token(m, rows, m.encoder_seq_length,
+                                                         attention="full"),
         "seq_length": m.encoder_seq_length, "loss": float(loss),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "precision": engine.split("-")[1],
@@ -181,6 +190,8 @@ def main() -> None:
     if args.arch:
         args.overrides = [*architecture_overrides(args.arch), *args.overrides]
     if args.worker:
+        # grow CUDA segments instead of fragmenting fixed ones (the 8 x 2048 fit is tight)
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         return worker(args.worker, args.overrides, args.steps, args.warmup)
 
     import tempfile
@@ -207,20 +218,23 @@ def main() -> None:
               f"{'yes' if cpu_native_bf16() else 'no'}; trainer.precision=auto -> "
               f"{resolve_precision('auto', cuda=False).precision}")
     header = f"{'engine':<12} {'precision':<9} {'seq':>6} {'tokens/s':>10} {'vs hf-fp32':>10} " \
-             f"{'peak MiB':>9} {'TFLOP/s':>8} {'MFU':>6} {'MFU-mg':>6} {'loss':>7}"
+             f"{'peak MiB':>9} {'rsvd MiB':>9} {'TFLOP/s':>8} {'MFU':>6} {'MFU-mg':>6} " \
+             f"{'MFU-all':>7} {'loss':>7}"
     print(header + "\n" + "-" * len(header))
     for r in results:
         tflops = r["tokens_per_s"] * r["flops_per_token"] / 1e12
         ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
-        mfu = mfu_mg = "-"
+        mfu = mfu_mg = mfu_all = "-"
         if args.peak_tflops:
-            mfu = f"{100 * tflops / args.peak_tflops:.1f}%"
-            mega = r["tokens_per_s"] * r["flops_per_token_megatron"] / 1e12
-            mfu_mg = f"{100 * mega / args.peak_tflops:.1f}%"
-        r.update(tflops=tflops, mfu=mfu, mfu_megatron=mfu_mg)
+            def pct(key):
+                return f"{100 * r['tokens_per_s'] * r[key] / 1e12 / args.peak_tflops:.1f}%"
+            mfu, mfu_mg, mfu_all = (pct("flops_per_token"), pct("flops_per_token_megatron"),
+                                    pct("flops_per_token_full"))
+        r.update(tflops=tflops, mfu=mfu, mfu_megatron=mfu_mg, mfu_full=mfu_all)
         print(f"{r['engine']:<12} {r['precision']:<9} {r['seq_length']:>6} "
-              f"{r['tokens_per_s']:>10,.0f} {ratio:>10} {r['peak_mib']:>9,.0f} {tflops:>8.3f} "
-              f"{mfu:>6} {mfu_mg:>6} {r['loss']:>7.3f}")
+              f"{r['tokens_per_s']:>10,.0f} {ratio:>10} {r['peak_mib']:>9,.0f} "
+              f"{r.get('reserved_mib', r['peak_mib']):>9,.0f} {tflops:>8.3f} "
+              f"{mfu:>6} {mfu_mg:>6} {mfu_all:>7} {r['loss']:>7.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

@@ -49,9 +49,15 @@ def test_acceptance_plan_names_every_stage_and_each_bench_config_validates():
     stages = acceptance.plan(Namespace(skip_cpu_suite=False, seq=[2048, 8192, 16384],
                                        knobs=True), Path("/tmp/plan"), 989.0)
     names = [stage.name for stage in stages]
-    assert names[:3] == ["environment", "cpu-suite", "gpu-suite"]
-    assert {"te-bf16", "te-fp8", "throughput-2048", "throughput-8192",
-            "throughput-16384", "knob-flex-attention-off"} <= set(names)
+    # the numbers first, then the equivalence checks the first GPU run must see
+    assert names[:8] == ["environment", "compile-smoke", "throughput-2048", "throughput-16384",
+                         "flex-equivalence", "bf16-resume", "packed-sft", "flex-head-dim"]
+    assert {"te-bf16", "te-fp8", "throughput-8192", "knob-flex-causal-16384",
+            "knob-sdpa-causal-16384", "gpu-suite-rest"} <= set(names)
+    assert names[-1] == "cpu-suite"
+    # the GPU suite split three ways plus the rest covers it once
+    parts = [s.command[s.command.index("-k") + 1] for s in stages if "tests/gpu" in s.command]
+    assert parts[-1] == "not " + " and not ".join(parts[:-1])
     sys.path.insert(0, str(ROOT / "bench"))
     from throughput import architecture_overrides
 
@@ -65,9 +71,11 @@ def test_acceptance_plan_names_every_stage_and_each_bench_config_validates():
                                       [*architecture_overrides("danube_1.8b"), *overrides])
         assert validate(cfg) == [], line
         m = cfg.model
-        assert (m.hidden_size, m.num_layers, m.window_size, m.vocab_size) == (2560, 24, 4096,
+        window = None if "model.window_size=null" in stage.command else 4096  # causal knobs
+        assert (m.hidden_size, m.num_layers, m.window_size, m.vocab_size) == (2560, 24, window,
                                                                              32000)
         assert m.micro_batch_size * m.encoder_seq_length == 16384  # the ramp's micro-batch
+        assert m.global_batch_size == 4 * m.micro_batch_size  # accumulates, as a real run
 
 
 def test_gpu_suite_imports_and_collects_here():
@@ -84,8 +92,10 @@ def test_gpu_suite_imports_and_collects_here():
 
 def test_flops_per_token_follow_the_published_convention():
     """Danube-1.8B: 11.25 GFLOP/token at 2048 and 13.14 at 16384 counted causal within the
-    4096 window (../shared/notes/gpu-slurm-ngc.md A2); Megatron's count (every key) 12.00 and
-    22.57. A window covering the sequence is plain causal."""
+    4096 window (../shared/notes/gpu-slurm-ngc.md A2); every key (PaLM/MPT) 12.00 and 22.57;
+    Megatron-LM 0.16's count, causal over the whole sequence (seq/2 keys, the window
+    ignored): 6 x dense + 6 x layers x q-projection x seq. A window covering the sequence is
+    plain causal."""
     from danube.config.compose import compose_pretrain_config
     from danube.config.derived import mean_keys_per_query, training_flops_per_token
 
@@ -93,8 +103,13 @@ def test_flops_per_token_follow_the_published_convention():
     gflop = {s: training_flops_per_token(m, 32000, s) / 1e9 for s in (2048, 16384)}
     assert gflop[2048] == pytest.approx(11.25, abs=0.005)
     assert gflop[16384] == pytest.approx(13.14, abs=0.005)
-    assert training_flops_per_token(m, 32000, 16384, causal_window=False) / 1e9 == \
+    assert training_flops_per_token(m, 32000, 16384, attention="full") / 1e9 == \
         pytest.approx(22.57, abs=0.005)
+    dense = training_flops_per_token(m, 32000, 16384, attention="full") \
+        - 12 * 24 * 2560 * 16384
+    for s in (2048, 16384):  # Megatron-LM: 3 x 2 x (q-projection x s / 2 x 2) per layer
+        assert training_flops_per_token(m, 32000, s, attention="megatron") == pytest.approx(
+            dense + 3 * 2 * 24 * (2560 * s / 2 * 2))
     assert mean_keys_per_query(2048, 4096) == mean_keys_per_query(2048, None) == 2049 / 2
     assert mean_keys_per_query(8, 2) == (1 + 2 * 7) / 8
 
@@ -330,3 +345,113 @@ def test_rmsnorm_equals_transformers_and_saves_no_fp32_copy_in_bf16(dtype):
         n = x.numel()
         assert b1 <= 2 * (2 * n) + 2 * h + 64, (b1, b2)  # x and the normalized x, in bf16
         assert b2 >= b1 + 4 * n  # transformers' keeps an fp32 copy besides
+
+
+def test_the_gpu_attention_comparison_fails_on_a_broken_mask(megatron_world):
+    """tests/gpu/compare.py's rule, tried here on CPU kernels: bf16 SDPA with the right window
+    passes against fp32; one key too many (window + 1) or a one-token causal leak fails. The
+    rule it replaced (a mean-square loss, gradients within atol 5e-3) passed the wrong
+    window: its gradients are ~1e-7."""
+    import torch
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from danube.config.schema import ModelConfig
+    from danube.model.attention import SDPAttention
+    from danube.model.builder import transformer_config
+    from tests.gpu.compare import assert_attention_matches, projected_grads, projection
+
+    seq, heads, groups, head_dim = 512, 4, 2, 80
+
+    def attention(window):
+        m = ModelConfig(num_layers=1, hidden_size=heads * head_dim, ffn_hidden_size=64,
+                        num_attention_heads=heads, num_query_groups=groups,
+                        window_size=window, encoder_seq_length=seq,
+                        max_position_embeddings=seq)
+        return SDPAttention(transformer_config(m, "bf16", False), layer_number=1,
+                            attn_mask_type=AttnMaskType.causal, attention_type="self")
+
+    gen = torch.Generator().manual_seed(0)
+    base = [torch.randn(seq, 1, h, head_dim, generator=gen) for h in (heads, groups, groups)]
+    r = projection((seq, 1, heads * head_dim), "cpu")
+
+    def run(window, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in base]
+        out = attention(window)(*leaves, attention_mask=None)
+        return out.detach(), projected_grads(out, leaves, r), leaves, out
+
+    ref_out, ref_grads, _, _ = run(128, torch.float32)
+    out, grads, _, _ = run(128, torch.bfloat16)
+    assert_attention_matches(out, grads, ref_out, ref_grads, "right window")
+    wide_out, wide_grads, leaves, wide = run(129, torch.bfloat16)
+    with pytest.raises(AssertionError, match="relative error"):
+        assert_attention_matches(wide_out, wide_grads, ref_out, ref_grads, "window + 1")
+    # the old rule could not see it
+    leaves = [t.detach().to(torch.bfloat16).requires_grad_() for t in base]
+    old = [t.detach().clone().requires_grad_() for t in base]
+    attention(129)(*leaves, attention_mask=None).float().square().mean().backward()
+    attention(128)(*old, attention_mask=None).float().square().mean().backward()
+    for a, b in zip(leaves, old):
+        torch.testing.assert_close(a.grad.float(), b.grad, rtol=5e-2, atol=5e-3)
+
+
+def test_the_torch_fused_paths_compute_what_megatron_s_fallbacks_do(megatron_world):
+    """Without apex/TE on a GPU the optimizer takes torch's fused AdamW and foreach norm and
+    scale (engine.use_torch_fused_paths) instead of megatron's per-tensor Python loops (one
+    host sync per parameter in every clipped step). Same results: the gradient norm and the
+    scaled gradients as megatron's fallbacks compute them, and one fused AdamW step as the
+    unfused one (to fp32 rounding; torch's fused AdamW runs on the CPU too)."""
+    import torch
+    from megatron.core.utils import local_multi_tensor_l2_norm, local_multi_tensor_scale
+
+    from danube.training.engine import _foreach_l2_norm, _foreach_scale
+
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(n, generator=gen) for n in (7, 300, 4096)]
+    ours, _ = _foreach_l2_norm(2048, None, [grads], False)
+    theirs, _ = local_multi_tensor_l2_norm(2048, None, [grads], False)
+    assert float(ours) == pytest.approx(float(theirs), rel=1e-6)
+    a, b = [torch.empty_like(g) for g in grads], [torch.empty_like(g) for g in grads]
+    _foreach_scale(2048, None, [grads, a], 0.37)
+    local_multi_tensor_scale(2048, None, [grads, b], 0.37)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+    params = [[torch.nn.Parameter(torch.randn(64, 32, generator=gen)) for _ in range(3)]
+              for _ in range(2)]
+    for p, q in zip(*params):
+        q.data.copy_(p.data)
+        p.grad = torch.randn(64, 32, generator=gen)
+        q.grad = p.grad.clone()
+    plain = torch.optim.AdamW(params[0], lr=1e-2, weight_decay=0.1)
+    fused = torch.optim.AdamW(params[1], lr=1e-2, weight_decay=0.1)
+    for group in fused.param_groups:  # what use_torch_fused_paths sets after construction
+        group["fused"], group["foreach"] = True, False
+    for _ in range(3):
+        plain.step()
+        fused.step()
+    for p, q in zip(*params):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_a_timed_out_stage_is_killed_with_its_children(tmp_path):
+    """A stage's limit ends its whole process group: a pytest or bench worker that spawned
+    children (launches, compile workers) must not keep the GPU busy into the next stage."""
+    import time
+
+    acceptance = _load_acceptance()
+    pid_file = tmp_path / "child.pid"
+    parent = ("import subprocess, sys, time; "
+              "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+              f"open({str(pid_file)!r}, 'w').write(str(c.pid)); time.sleep(120)")
+    stage = acceptance.Stage("spawner", [sys.executable, "-c", parent], 3)
+    outcome = acceptance.run_stage(stage, te=False)
+    assert outcome.status == "timeout"
+    child = int(pid_file.read_text())
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the stage's child outlived its limit")

@@ -185,14 +185,20 @@ def mean_keys_per_query(seq_length: int, window: Optional[int]) -> float:
     return (w * (w + 1) / 2 + (seq_length - w) * w) / seq_length
 
 
+FLOP_CONVENTIONS = ("window", "megatron", "full")
+
+
 def training_flops_per_token(m: ModelConfig, vocab: int, seq_length: int,
-                             causal_window: bool = True) -> float:
+                             attention: str = "window") -> float:
     """Training (forward + backward) FLOPs per token: 6 x the weights a token touches (layers
     and LM head, not the embedding lookup) + 12 x layers x heads x head_dim x keys per query
-    for QK^T and AV. `causal_window`: keys counted causal within the window (the work a
-    kernel that skips masked blocks does; Danube-1.8B 11.25 GFLOP at 2048, 13.14 at 16384,
-    ../shared/notes/gpu-slurm-ngc.md A2); False: Megatron-LM/MPT's convention, every key of
-    the sequence (12.00 and 22.57)."""
+    for QK^T and AV. The keys, by `attention` convention:
+      window    causal within the window: the work a kernel that skips masked blocks does
+                (Danube-1.8B 11.25 GFLOP at 2048, 13.14 at 16384, ../shared/notes/
+                gpu-slurm-ngc.md A2)
+      megatron  Megatron-LM's `num_floating_point_operations` (0.16): causal, half the
+                sequence (`seq_length / 2  # causal mask`), the window ignored
+      full      every key of the sequence (PaLM's and MPT's MFU; 12.00 and 22.57)."""
     heads = m.num_attention_heads
     head_dim = m.kv_channels or m.hidden_size // heads
     groups = m.num_query_groups or heads
@@ -201,5 +207,6 @@ def training_flops_per_token(m: ModelConfig, vocab: int, seq_length: int,
     mlp = (3 if m.activation in ("swiglu", "fast-swiglu") else 2) * m.hidden_size \
         * m.ffn_hidden_size
     dense = m.num_layers * (qkv + proj + mlp) + m.hidden_size * vocab
-    keys = mean_keys_per_query(seq_length, m.window_size) if causal_window else seq_length
+    keys = {"window": lambda: mean_keys_per_query(seq_length, m.window_size),
+            "megatron": lambda: seq_length / 2, "full": lambda: seq_length}[attention]()
     return 6 * dense + 12 * m.num_layers * heads * head_dim * keys

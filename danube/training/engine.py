@@ -8,6 +8,7 @@ from typing import Callable, Iterator, List, Optional
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -105,7 +106,54 @@ def build_optimizer(
     )
     optimizer = get_megatron_optimizer(optimizer_config, model)
     config.grad_scale_func = optimizer.scale_loss
+    if _on_cuda(model) and not HAVE_APEX_OR_TE:
+        use_torch_fused_paths(optimizer)
     return optimizer
+
+
+def _on_cuda(model: List) -> bool:
+    return any(p.is_cuda for chunk in model for p in chunk.parameters())
+
+
+def _foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """apex's multi_tensor_l2norm from torch's foreach kernels: megatron's own fallback
+    (`local_multi_tensor_l2_norm`) builds a host tensor of per-parameter norms, one device
+    sync per parameter tensor at every clipped step."""
+    import torch
+
+    tensors = [t for tensors in tensor_lists for t in tensors]
+    norms = torch._foreach_norm(tensors) if tensors else [torch.zeros((), device="cuda")]
+    return torch.linalg.vector_norm(torch.stack(norms).float()).reshape(1), None
+
+
+def _foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
+    """apex's multi_tensor_scale (dst = src * scale) from torch's foreach kernels."""
+    import torch
+
+    src, dst = tensor_lists[0], tensor_lists[1]
+    if src:
+        torch._foreach_copy_(dst, torch._foreach_mul(src, scale))
+
+
+def use_torch_fused_paths(optimizer) -> None:
+    """On a GPU without apex or Transformer Engine megatron-core falls back to torch's AdamW
+    (unfused: a kernel per op per parameter) and to Python loops for the gradient norm and
+    scaling. torch has fused versions of all three: AdamW's `fused` implementation (one
+    kernel over every parameter; it follows the same update rule, megatron keeps calling
+    `step()`) and foreach norms and scales. Set here, before the first step."""
+    from megatron.core.optimizer import clip_grads
+
+    for inner in _inner_optimizers(optimizer):
+        for group in inner.param_groups:
+            group["fused"], group["foreach"] = True, False
+        inner.defaults["fused"], inner.defaults["foreach"] = True, False
+    clip_grads.l2_norm_impl = _foreach_l2_norm
+    clip_grads.multi_tensor_scale_impl = _foreach_scale
+
+
+def _inner_optimizers(optimizer) -> list:
+    chained = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [o.optimizer for o in chained if getattr(o, "optimizer", None) is not None]
 
 
 def build_scheduler(

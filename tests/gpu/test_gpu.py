@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from tests.conftest import QUIET, SMALL_MODEL, run_pretrain, run_sft, train_records
+from tests.gpu.compare import assert_attention_matches, projected_grads, projection
 
 pytestmark = [
     pytest.mark.gpu,
@@ -67,33 +68,44 @@ def _qkv(seq, batch, heads=32, groups=8, head_dim=80, seed=0):
     return rand(heads), rand(groups), rand(groups)
 
 
-def _grads(out, tensors):
-    out.float().square().mean().backward()
-    grads = [t.grad.clone() for t in tensors]
-    for t in tensors:
-        t.grad = None
-    return grads
+def _reference(q, k, v, window, packed=None):
+    """SDPA in fp32 on the same (bf16) inputs: the truth both kernels are judged against."""
+    sdpa = _attention("SDPAttention", window, q.shape[0])
+    leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    kwargs = {"packed_seq_params": packed} if packed is not None else {}
+    return leaves, sdpa(*leaves, attention_mask=None, **kwargs)
+
+
+def _check(name, window, q, k, v, r, packed=None, flex_window="same"):
+    """FlexAttention (bf16) vs the fp32 reference, by compare.py's rule."""
+    flex = _attention("FlexAttention", window if flex_window == "same" else flex_window,
+                      q.shape[0])
+    kwargs = {"packed_seq_params": packed} if packed is not None else {}
+    out = flex(q, k, v, attention_mask=None, **kwargs)
+    grads = projected_grads(out, (q, k, v), r)
+    leaves, ref = _reference(q, k, v, window, packed)
+    ref_grads = projected_grads(ref, leaves, r)
+    assert_attention_matches(out, grads, ref, ref_grads, name)
 
 
 @pytest.mark.parametrize("window", [512, None])
 def test_flex_attention_equals_sdpa_forward_and_backward(cuda_world, window):
-    """Compiled FlexAttention vs SDPA with a dense window mask: outputs and the gradients of
-    q, k, v within bf16 rounding at 2048 tokens (window 512: most blocks skipped)."""
+    """Compiled FlexAttention vs SDPA in fp32 with a dense window mask, at 2048 tokens
+    (window 512: most blocks skipped): output and the q, k, v gradients of a random
+    projection within 1.5 bf16 epsilons (relative). The same check must fail for a Flex
+    mask one key too wide: the comparison can see a wrong mask."""
     q, k, v = _qkv(2048, 2)
-    flex = _attention("FlexAttention", window, 2048)
-    sdpa = _attention("SDPAttention", window, 2048)
-    out_flex = flex(q, k, v, attention_mask=None)
-    grads_flex = _grads(out_flex, (q, k, v))
-    out_sdpa = sdpa(q, k, v, attention_mask=None)
-    grads_sdpa = _grads(out_sdpa, (q, k, v))
-    torch.testing.assert_close(out_flex, out_sdpa, rtol=2e-2, atol=2e-2)
-    for a, b in zip(grads_flex, grads_sdpa):
-        torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-3)
+    r = projection((2048, 2, 32 * 80), "cuda")
+    _check(f"flex window {window}", window, q, k, v, r)
+    if window is not None:
+        with pytest.raises(AssertionError, match="relative error"):
+            _check("flex window one key too wide", window, q, k, v, r,
+                   flex_window=window + 1)
 
 
 def test_flex_packed_documents_equal_sdpa_block_diagonal(cuda_world):
-    """THD (packed documents): FlexAttention's document block mask vs SDPA's dense
-    block-diagonal mask, forward and backward."""
+    """THD (packed documents): FlexAttention's document block mask vs SDPA's per-document
+    attention in fp32, forward and backward, by the same rule."""
     from megatron.core.packed_seq_params import PackedSeqParams
 
     lengths = [700, 300, 1024, 24]  # 2048 tokens, one document crossing a 1024 row edge
@@ -102,15 +114,8 @@ def test_flex_packed_documents_equal_sdpa_block_diagonal(cuda_world):
     packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
                              max_seqlen_q=max(lengths), max_seqlen_kv=max(lengths))
     q, k, v = (t.detach().squeeze(1).requires_grad_() for t in _qkv(2048, 1, seed=1))
-    results = []
-    for name in ("FlexAttention", "SDPAttention"):
-        out = _attention(name, 256, 2048)(q, k, v, attention_mask=None,
-                                          packed_seq_params=packed)
-        results.append((out, _grads(out, (q, k, v))))
-    (out_flex, grads_flex), (out_sdpa, grads_sdpa) = results
-    torch.testing.assert_close(out_flex, out_sdpa, rtol=2e-2, atol=2e-2)
-    for a, b in zip(grads_flex, grads_sdpa):
-        torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-3)
+    r = projection((2048, 32 * 80), "cuda")
+    _check("flex packed", 256, q, k, v, r, packed)
 
 
 def _gpu_run(tmp_path, name, steps, extra=()):
