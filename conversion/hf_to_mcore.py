@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from danube.conversion import ConversionError
-from danube.runtime import quiet_engine_notices
+from danube.runtime import hide_cuda_for, quiet_engine_notices
 
 
 def main() -> None:
@@ -17,6 +17,10 @@ def main() -> None:
     parser.add_argument("hf_dir", help="local directory of a MistralForCausalLM/LlamaForCausalLM")
     parser.add_argument("out_dir", help="new directory for the checkpoint, config and tokenizer")
     args = parser.parse_args()
+    # A CPU job wherever it runs: builds on the meta device, streams HF tensors from host
+    # memory, one gloo process. On a GPU host CUDA would otherwise stay visible with no CPU
+    # shims, and megatron's save would hand gloo CUDA-device tensors.
+    hide_cuda_for("cpu")
     quiet_engine_notices()
     from danube.conversion.importer import import_hf
 

@@ -174,7 +174,7 @@ GPU_STAGE_MODULES = ["danube.training.pretrain", "danube.training.sft", "danube.
                      "danube.inference.generate", "danube.inference.model",
                      "danube.conversion.importer", "danube.conversion.exporter",
                      "tests.conftest", "tests.test_conversion", "tests.gpu.test_gpu"]
-GPU_STAGE_SCRIPTS = ["bench/throughput.py", "bench/gpu_acceptance.py"]
+GPU_STAGE_SCRIPTS = ["bench/throughput.py", "bench/gpu_acceptance.py", "bench/flex_head_dim.py"]
 
 # In a fresh interpreter: load those, then read every import statement (module level and in
 # functions) of each of our files that got loaded; print {top-level name: [our files]}.
