@@ -54,9 +54,9 @@ def test_training_ids_are_the_inference_ids(tokenizer_dir, tmp_path, template):
     if template == "danube":  # each answer and its </s>; the </s> after prompts is not
         assert trained == ("Return a string of the current directory.</s>"
                            "It is in `os`.</s>")
-    else:
-        assert trained == ("Return a string of the current directory.<|im_end|>\n"
-                           "It is in `os`.<|im_end|>\n")
+    else:  # each answer and its <|im_end|>, not the newline ChatML writes after it
+        assert trained == ("Return a string of the current directory.<|im_end|>"
+                           "It is in `os`.<|im_end|>")
 
 
 def _write(path: Path, records) -> Path:

@@ -72,6 +72,7 @@ def _stopped_requeued_and_finished(cluster, job: str, tmp_path: Path, signal_nam
     assert f"(step {step})" in text.split(f"requeueing job {job}")[1]  # resumed there
     assert first_step <= step < last_step
     assert not list(ROOT.glob(".danube-stopped-*"))  # the script's stop marker is gone
+    assert not (ROOT / f".danube-requeues-{job}").exists()  # nor its requeue count
 
 
 def test_sbatch_script_saves_on_a_signal_requeues_and_resumes(tmp_path, init_checkpoint,
@@ -197,6 +198,6 @@ def test_the_script_says_why_it_stops_requeueing(tmp_path, init_checkpoint):
         assert "stopped after step" in text
         assert f"not requeueing job {job}: it stopped to be resumed (exit 75), but this " \
                "script already requeued it 0 times (MAX_RESTARTS=0)" in text
-        assert not list(ROOT.glob(".danube-requeues-*"))
+        assert not (ROOT / f".danube-requeues-{job}").exists()
     finally:
         cluster.stop()

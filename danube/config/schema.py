@@ -388,8 +388,9 @@ class SFTDatasetConfig:
     """Conversations with fewer tokens are dropped (and counted)."""
     label_key: str = "output"
     """Answer field of prompt-response records."""
-    add_eos: bool = True
-    """End a prompt-response answer with the end-of-sequence token (trained)."""
+    add_eos: Optional[bool] = None
+    """Prompt-response: end the answer with the model's end-of-sequence token (trained); null
+    = true. Chat: the template decides the end-of-turn tokens (true is refused)."""
     add_bos: bool = False
     """Start every sample with the beginning-of-sequence token."""
     truncation_field: str = "input"

@@ -352,6 +352,11 @@ def _check_sft_data(cfg: SFTConfig, problems: List[str]) -> None:
                             f"model.encoder_seq_length={m.encoder_seq_length} (the row length)")
         _check_positive(problems, key, ds, ["global_batch_size", "micro_batch_size",
                                             "min_seq_length"])
+        if data.chat and ds.add_eos:
+            problems.append(f"{key}.add_eos=true with model.data.chat=true: a chat "
+                            "conversation ends as its template renders it (the model's "
+                            "end-of-turn token); an extra EOS would be trained after it. Set "
+                            f"{key}.add_eos=null (or false)")
         if not data.chat and "{" + ds.label_key + "}" not in ds.prompt_template:
             problems.append(f"{key}.prompt_template={ds.prompt_template!r} lacks "
                             f"{{{ds.label_key}}} (label_key)")

@@ -11,11 +11,20 @@ Three record formats (NeMo-Aligner's and the HF/OpenAI one), each becomes a list
 Chat rendering: the tokenizer's own Jinja chat template (tokenizer_config.json or
 chat_template.jinja), else H2O-Danube's `<|system|>..</s><|prompt|>..</s><|answer|>..</s>`.
 The whole conversation is rendered to one string and tokenized once, without added special
-tokens: the ids `tokenizer.apply_chat_template(messages, tokenize=True)` gives at inference.
-The trained spans come from rendering prefixes: assistant turn i covers the characters between
-render(messages[:i], add_generation_prompt=True) and render(messages[:i+1]), so its
-end-of-turn token (`</s>`, `<|im_end|>`) is trained and the one after a prompt is not. A token
-is trained when it starts inside a trained span.
+tokens: the ids `tokenizer.apply_chat_template(messages, tokenize=True)` gives at inference
+(rendered in an environment equivalent to transformers': its extensions, globals and `tojson`,
+`tools`/`documents` = None, every special token the tokenizer declares). Nothing is added to a
+chat conversation: the template decides its BOS and its end-of-turn tokens.
+
+Trained tokens: where the template marks them with `{% generation %}` blocks, exactly those
+(TRL's and transformers' assistant mask). Otherwise from rendering prefixes: assistant turn i
+covers the characters between render(messages[:i], add_generation_prompt=True) and
+render(messages[:i+1]), less the whitespace the template puts after the turn, so the answer
+and its end-of-turn token (`</s>`, `<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`) are trained
+and the newline ChatML or Gemma write after that token is not (generation stops at the
+token: the model never has to emit the newline, and transformers' own generation-block
+templates for ChatML end the block before it). A token is trained when it starts inside a
+trained span.
 """
 
 from __future__ import annotations
@@ -99,28 +108,101 @@ def tokenizer_chat_template(directory: Optional[Path]) -> Optional[str]:
     return None
 
 
+def _environment():
+    """The Jinja environment transformers renders chat templates in (its
+    `_compile_jinja_template`): sandboxed, trimmed blocks, the `loopcontrols` extension
+    (`{% break %}`), the `{% generation %}` tag, transformers' `tojson` (no HTML escaping,
+    indent/separators/sort_keys), `raise_exception`, `strftime_now`."""
+    import datetime
+
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise ChatDataError(f"chat template: {message}")
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[GenerationBlocks, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    return env
+
+
+def _generation_blocks_extension():
+    import jinja2
+    import jinja2.nodes
+    from jinja2.ext import Extension
+
+    class GenerationBlocks(Extension):
+        """`{% generation %}...{% endgeneration %}`: renders its body and, while a render
+        collects them, records the body's character span in the output (the output rendered
+        so far is the chunks `Template.generate` has yielded)."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_block"), [], [], body) \
+                .set_lineno(lineno)
+
+        def _block(self, caller):
+            text = caller()
+            tracking = self.environment.generation_tracking
+            if tracking is not None:
+                chunks, spans = tracking
+                start = sum(len(c) for c in chunks)
+                spans.append((start, start + len(text)))
+            return text
+
+    return GenerationBlocks
+
+
+GenerationBlocks = _generation_blocks_extension()
+
+
+def special_tokens(config: dict) -> dict:
+    """What transformers hands a template besides the messages: every `*_token` the
+    tokenizer declares and `additional_special_tokens` (tokenizer_config.json)."""
+    tokens = {}
+    for key, value in config.items():
+        if key.endswith("_token") and declared_token(config, key) is not None:
+            tokens[key] = declared_token(config, key)
+    extra = config.get("additional_special_tokens") or config.get("extra_special_tokens")
+    if isinstance(extra, list):
+        tokens["additional_special_tokens"] = [
+            t.get("content") if isinstance(t, dict) else t for t in extra]
+    return tokens
+
+
 class ChatTemplate:
-    """A Jinja chat template rendered the way transformers renders it (sandboxed, trimmed
-    blocks), with the tokenizer's bos/eos token strings."""
+    """A Jinja chat template rendered as transformers renders it (`_environment`), with the
+    special tokens the tokenizer declares."""
 
     def __init__(self, source: str, tokenizer: Tokenizer):
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message):
-            raise ChatDataError(f"chat template: {message}")
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
-        self.template = env.from_string(source)
+        env = _environment()
+        env.generation_tracking = None
+        self.env = env
+        try:
+            self.template = env.from_string(source)
+        except Exception as error:  # jinja2.TemplateSyntaxError and kin
+            raise ChatDataError(f"chat template does not parse: {error}") from None
         self.source = source
+        self.has_generation_blocks = "generation" in _block_tags(source)
         directory = tokenizer.path.parent if tokenizer.path is not None else None
         config_path = directory / "tokenizer_config.json" if directory else None
         config = json.loads(config_path.read_text()) if config_path and config_path.is_file() \
             else {}
-        self.bos_token = declared_token(config, "bos_token") or (
+        self.tokens = special_tokens(config)
+        self.bos_token = self.tokens.get("bos_token") or (
             tokenizer.hf.id_to_token(tokenizer.bos) if tokenizer.bos is not None else "")
-        self.eos_token = declared_token(config, "eos_token") or tokenizer.hf.id_to_token(
-            tokenizer.eod)
+        self.eos_token = self.tokens.get("eos_token") or tokenizer.hf.id_to_token(tokenizer.eos)
+        self.tokens.update(bos_token=self.bos_token, eos_token=self.eos_token)
 
     @classmethod
     def for_tokenizer(cls, tokenizer: Tokenizer, prompt_tokens=None) -> "ChatTemplate":
@@ -140,10 +222,41 @@ class ChatTemplate:
                     "set model.data.chat_prompt_tokens")
         return cls(own or DANUBE_CHAT_TEMPLATE, tokenizer)
 
+    def _variables(self, messages, add_generation_prompt: bool) -> dict:
+        return {**self.tokens, "messages": list(messages), "tools": None, "documents": None,
+                "add_generation_prompt": add_generation_prompt}
+
     def render(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
-        return self.template.render(messages=list(messages), bos_token=self.bos_token,
-                                    eos_token=self.eos_token,
-                                    add_generation_prompt=add_generation_prompt)
+        try:
+            return self.template.render(**self._variables(messages, add_generation_prompt))
+        except ChatDataError:
+            raise
+        except Exception as error:  # a template's own failure (jinja2.TemplateError...)
+            raise ChatDataError(f"chat template failed: {type(error).__name__}: {error}") \
+                from None
+
+    def render_with_generation_spans(self, messages: Sequence[dict]):
+        """(the rendered conversation, the character spans of its `{% generation %}`
+        blocks)."""
+        chunks, spans = [], []
+        self.env.generation_tracking = (chunks, spans)
+        try:
+            for chunk in self.template.generate(**self._variables(messages, False)):
+                chunks.append(chunk)
+        except ChatDataError:
+            raise
+        except Exception as error:
+            raise ChatDataError(f"chat template failed: {type(error).__name__}: {error}") \
+                from None
+        finally:
+            self.env.generation_tracking = None
+        return "".join(chunks), spans
+
+
+def _block_tags(source: str) -> set:
+    import re
+
+    return set(re.findall(r"\{%-?\s*(\w+)", source))
 
 
 def check_messages(messages: List[dict], where: str) -> None:
@@ -191,9 +304,15 @@ def _spans_to_mask(offsets: List[Tuple[int, int]], spans: List[Tuple[int, int]])
     return [any(start <= begin < end for start, end in spans) for begin, _ in offsets]
 
 
-def encode_chat(messages: List[dict], template: ChatTemplate, tokenizer: Tokenizer,
-                answer_only: bool, where: str) -> Encoded:
-    """Ids of the rendered conversation and which of them belong to assistant turns."""
+def assistant_spans(messages: List[dict], template: ChatTemplate, where: str,
+                    tokenizer: Optional[Tokenizer] = None):
+    """(the rendered conversation, the character spans trained: see the module docstring)."""
+    if template.has_generation_blocks:
+        full, spans = template.render_with_generation_spans(messages)
+        if not spans:
+            raise ChatDataError(f"{where}: the chat template's {{% generation %}} blocks marked "
+                                "nothing in this conversation")
+        return full, spans
     full = template.render(messages)
     spans = []
     for index, message in enumerate(messages):
@@ -201,11 +320,36 @@ def encode_chat(messages: List[dict], template: ChatTemplate, tokenizer: Tokeniz
             continue
         before = template.render(messages[:index], add_generation_prompt=True)
         through = template.render(messages[:index + 1])
-        if not (through.startswith(before) and full.startswith(through)):
+        # what the conversation so far and the whole one share: a template may close the
+        # conversation with a token of its own (Phi-3's final <|endoftext|>), which belongs to
+        # the last answer only
+        shared = _common_prefix(through, full)
+        if not (full.startswith(before) and through.startswith(before)
+                and shared > len(before)):
             raise ChatDataError(
                 f"{where}: the chat template does not render conversations prefix by prefix "
                 "(turn i's text changes when turn i+1 follows), so answers cannot be located")
-        spans.append((len(before), len(through)))
+        if shared < len(through) and tokenizer is not None:  # whole tokens only ("<|" of a
+            # closing "<|endoftext|>" is also the start of the next turn's "<|user|>")
+            offsets = tokenizer.hf.encode(through, add_special_tokens=False).offsets
+            shared = max([e for _, e in offsets if e <= shared], default=len(before))
+        end = len(through[:shared].rstrip())  # not the whitespace after the end of turn
+        spans.append((len(before), max(end, len(before))))
+    return full, spans
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def encode_chat(messages: List[dict], template: ChatTemplate, tokenizer: Tokenizer,
+                answer_only: bool, where: str) -> Encoded:
+    """Ids of the rendered conversation and which of them belong to assistant turns."""
+    full, spans = assistant_spans(messages, template, where, tokenizer)
     encoding = tokenizer.hf.encode(full, add_special_tokens=False)
     trained = _spans_to_mask(encoding.offsets, spans) if answer_only else [True] * len(
         encoding.ids)
@@ -228,20 +372,26 @@ def encode_prompt_response(record: dict, prompt_template: str, label_key: str,
         raise ChatDataError(f"{where}: the answer field {label_key!r} is missing or not text")
     full = prompt + record[label_key]
     encoding = tokenizer.hf.encode(full, add_special_tokens=False)
-    trained = _spans_to_mask(encoding.offsets, [(len(prompt), len(full))]) if answer_only \
+    # A token is the answer's when it reaches into the answer: with "{input} {output}" the
+    # first answer token carries the separating space (' J'), starts in the prompt, and is
+    # what the model must produce after the prompt (NeMo trains it too: it tokenizes the
+    # answer apart).
+    start = len(prompt)
+    trained = [end > start for _, end in encoding.offsets] if answer_only \
         else [True] * len(encoding.ids)
     return Encoded(list(encoding.ids), trained)
 
 
 def finish(encoded: Encoded, tokenizer: Tokenizer, add_bos: bool, add_eos: bool,
            max_tokens: int, truncation_method: str) -> Encoded:
-    """BOS/EOS around the sample (the EOS is part of the answer), then truncation to
-    `max_tokens` ids: `right` keeps the start, `left` keeps the end."""
+    """BOS/EOS around the sample (the EOS, the model's own `tokenizer.eos`, is part of the
+    answer; a BOS already there is not doubled), then truncation to `max_tokens` ids: `right`
+    keeps the start, `left` keeps the end."""
     ids, trained = list(encoded.ids), list(encoded.trained)
-    if add_eos and (not ids or ids[-1] != tokenizer.eod):
-        ids.append(tokenizer.eod)
+    if add_eos and (not ids or ids[-1] != tokenizer.eos):
+        ids.append(tokenizer.eos)
         trained.append(True)
-    if add_bos and tokenizer.bos is not None:
+    if add_bos and tokenizer.bos is not None and (not ids or ids[0] != tokenizer.bos):
         ids.insert(0, tokenizer.bos)
         trained.insert(0, False)
     truncated = len(ids) > max_tokens

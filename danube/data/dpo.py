@@ -135,7 +135,9 @@ def pair_texts(record: dict, where: str, template: Optional[ChatTemplate]
         if not full.startswith(before):
             raise ChatDataError(f"{where}: the chat template does not render the prompt as a "
                                 "prefix of prompt + response, so the response cannot be located")
-        texts.append(full[len(before):])
+        # as SFT trains it: the response through its end-of-turn token, not the whitespace
+        # the template writes after it (generation stops at the token)
+        texts.append(full[len(before):].rstrip())
     return before, texts[0], texts[1], False
 
 
@@ -158,8 +160,9 @@ def encode_pair(record: dict, where: str, template: Optional[ChatTemplate],
                                core + ids)
         if at is not None and differs is None:
             differs = at + len(prompt_ids) - len(core)
-        if string_form and data.append_eod and (not ids or ids[-1] != tokenizer.eod):
-            ids.append(tokenizer.eod)
+        # the model's EOS (TRL appends tokenizer.eos_token), not the data's separator
+        if string_form and data.append_eod and (not ids or ids[-1] != tokenizer.eos):
+            ids.append(tokenizer.eos)
         if not ids:
             raise ChatDataError(f"{where}: the {name} response is empty")
         samples.append(SFTSample(np.asarray(prompt_ids + ids, dtype=np.int64),

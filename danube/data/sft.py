@@ -85,7 +85,7 @@ def build_sft_dataset(ds, data, tokenizer: Tokenizer, answer_only: bool,
                     raise
                 errors.append(str(error))
                 continue
-            sample = _finish(encoded, ds, tokenizer, where)
+            sample = _finish(encoded, ds, tokenizer, data.chat, where)
             if len(sample.ids) < max(ds.min_seq_length, 2):
                 stats["dropped_too_short"] += 1
                 continue
@@ -100,8 +100,11 @@ def build_sft_dataset(ds, data, tokenizer: Tokenizer, answer_only: bool,
     return SFTDataset(samples, stats, errors)
 
 
-def _finish(encoded: Encoded, ds, tokenizer: Tokenizer, where: str) -> SFTSample:
-    done = finish(encoded, tokenizer, ds.add_bos, ds.add_eos, ds.max_seq_length + 1,
+def _finish(encoded: Encoded, ds, tokenizer: Tokenizer, chat: bool, where: str) -> SFTSample:
+    """Chat: nothing is added at the end (the template decides the end-of-turn tokens);
+    prompt-response: add_eos (null = true) ends the answer with the model's EOS."""
+    add_eos = False if chat else ds.add_eos is not False
+    done = finish(encoded, tokenizer, ds.add_bos, add_eos, ds.max_seq_length + 1,
                   ds.truncation_method)
     return SFTSample(np.asarray(done.ids, dtype=np.int64), np.asarray(done.trained, dtype=bool),
                      where, done.truncated)

@@ -3,6 +3,13 @@ BPE; one wrapper class.
 
 `Tokenizer` exposes what megatron-core's GPTDataset reads (`vocab_size`, `eod`, `pad`) plus
 encode/decode, so the data, training and (later) conversion stages share one object.
+
+Two ids that a chat model keeps apart: `eod`, the document separator of pretraining data
+(found by name), and `eos`, the model's own end of sequence / end of turn, as the model's
+files declare it (tokenizer_config.json's `eos_token`, else the ids an import recorded), which
+generation stops at and a prompt-response answer ends with. They differ for most instruct
+models: `<|im_end|>` vs `<|endoftext|>` (Qwen, SmolLM2), `<|eot_id|>` vs `<|end_of_text|>`
+(Llama 3.1+).
 """
 
 from __future__ import annotations
@@ -39,6 +46,9 @@ class Tokenizer:
         self.vocab_size = hf_tokenizer.get_vocab_size(with_added_tokens=True)
         self.eod = self._special_id([EOS, "<|endoftext|>", "<|end_of_text|>", "<eos>"])
         self.bos = self._special_id([BOS, "<|begin_of_text|>", "<bos>"], required=False)
+        self.eos = self._declared_id("eos_token", "eos_token_id") if path is not None else None
+        if self.eos is None:
+            self.eos = self.eod
         pad = self._special_id([PAD, "<unk>"], required=False)
         # GPTDataset masks labels equal to `pad`; -1 matches nothing when there is no pad.
         self.pad = -1 if pad is None else pad
@@ -46,7 +56,50 @@ class Tokenizer:
         digest = hashlib.sha256(hf_tokenizer.to_str().encode()).hexdigest()[:16]
         self.unique_identifiers = {"class": "danube.Tokenizer", "sha256": digest}
 
+    def _declared_id(self, token_key: str, id_key: str) -> Optional[int]:
+        """The id the model's files declare: tokenizer_config.json's token (what chat templates
+        render as `eos_token`), else the first id an import recorded (MODEL_TOKEN_IDS_FILE)."""
+        import json
+
+        directory = self.path.parent
+        config = directory / "tokenizer_config.json"
+        if config.is_file():
+            value = json.loads(config.read_text()).get(token_key)
+            name = value.get("content") if isinstance(value, dict) else value
+            if isinstance(name, str) and self.hf.token_to_id(name) is not None:
+                return self.hf.token_to_id(name)
+        recorded = directory / MODEL_TOKEN_IDS_FILE
+        if recorded.is_file():
+            value = json.loads(recorded.read_text()).get(id_key)
+            value = value[0] if isinstance(value, list) and value else value
+            if isinstance(value, int):
+                return value
+        return None
+
+    def stop_ids(self) -> List[int]:
+        """Every id generation stops at: the model's EOS, and each end-of-sequence id its
+        generation_config.json lists (Llama 3.x: <|end_of_text|>, <|eom_id|>, <|eot_id|>)."""
+        import json
+
+        ids = [self.eos]
+        if self.path is not None:
+            for name in ("generation_config.json", MODEL_TOKEN_IDS_FILE):
+                path = self.path.parent / name
+                if path.is_file():
+                    value = json.loads(path.read_text()).get("eos_token_id")
+                    for i in value if isinstance(value, list) else [value]:
+                        if isinstance(i, int) and i not in ids:
+                            ids.append(i)
+        return ids
+
     def _special_id(self, names: List[str], required: bool = True) -> Optional[int]:
+        """The first of `names` that is one of the tokenizer's special tokens, else the first
+        in its vocabulary at all: "</s>" is ordinary text in Qwen's vocabulary (a BPE piece),
+        whose separator is the special <|endoftext|>."""
+        special = {t.content for t in self.hf.get_added_tokens_decoder().values() if t.special}
+        for name in names:
+            if name in special:
+                return self.hf.token_to_id(name)
         for name in names:
             token_id = self.hf.token_to_id(name)
             if token_id is not None:

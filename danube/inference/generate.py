@@ -201,7 +201,9 @@ def generate(im: InferenceModel, prompts: Sequence, sampling: Sampling,
             "lower max_new_tokens")
     if any(len(p) == 0 for p in ids):
         raise InferenceError("an empty prompt: give at least one token (or add_bos)")
-    eod = im.tokenizer.eod
+    # the model's own end of sequence / end of turn (<|im_end|>, <|eot_id|>), not the
+    # pretraining data's document separator
+    eod = im.tokenizer.eos
     results: List[Generation] = []
     with _real_vocab_only(im):
         for start in range(0, len(ids), batch):
