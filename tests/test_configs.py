@@ -156,3 +156,30 @@ def test_danube_chat_dpo_carries_the_recipe():
     assert cfg.model.dpo.ref_policy_kl_penalty == 0.2 and cfg.model.optim.lr == 1e-5
     assert (cfg.model.peft.peft_scheme, lora.adapter_dim, lora.alpha) == ("lora", 4, 16)
     assert len(lora.target_modules) == 4
+
+
+def test_the_shipped_lora_config_runs_where_transformer_engine_exists():
+    """danube_1.8b_chat_dpo trains LoRA adapters, which wrap megatron's local linears:
+    preflight on a GPU machine with TE would refuse it unless the config says
+    transformer_engine: false (it does, with the reason)."""
+    from danube.config.compose import compose_dpo_config
+    from danube.config.preflight import Machine, preflight
+
+    cfg = compose_dpo_config("danube_1.8b_chat_dpo", DPO_NEEDS["danube_1.8b_chat_dpo"])
+    assert cfg.model.peft.peft_scheme == "lora" and not cfg.model.transformer_engine
+    gpu = Machine(world_size=8, cuda=True, transformer_engine=True)
+    assert not [p for p in preflight(cfg, gpu) if "peft_scheme=lora" in p]
+
+
+def test_lora_alpha_null_is_nemo_s_scale_one(megatron_world):
+    from danube.config.schema import LoraTuningConfig, ModelConfig, PeftConfig
+    from danube.model.builder import build_model_chunks, transformer_config
+    from danube.model.lora import lora_modules
+
+    m = ModelConfig(num_layers=1, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
+                    num_query_groups=2)
+    for alpha, rank, scale in ((None, 8, 1.0), (None, 2, 1.0), (16.0, 4, 4.0)):
+        peft = PeftConfig(peft_scheme="lora",
+                          lora_tuning=LoraTuningConfig(adapter_dim=rank, alpha=alpha))
+        chunks = build_model_chunks(m, transformer_config(m, "32", False), 100, False, peft)
+        assert {module.scale for module in lora_modules(chunks)} == {scale}

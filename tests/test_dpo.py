@@ -35,7 +35,9 @@ def test_each_loss_is_its_formula(kind):
     d = [1.5, -0.7, 0.0, 4.0]
     gap = [1.0, 0.0, 2.0, -1.0]
     hand = {
-        "dpo": lambda d, g: -math.log(_sig(beta * d)),
+        # label_smoothing eps with dpo: conservative DPO (TRL's cDPO)
+        "dpo": lambda d, g: (-(1 - eps) * math.log(_sig(beta * d))
+                             - eps * math.log(_sig(-beta * d))),
         "ipo": lambda d, g: (d - 1 / (2 * beta)) ** 2,
         "rpo_sq": lambda d, g: (beta * d - eta * g) ** 2,
         "rpo_bwd_kl": lambda d, g: _kl(_sig(eta * g), _sig(beta * d)),
@@ -47,6 +49,13 @@ def test_each_loss_is_its_formula(kind):
     ours = preference_loss(kind, torch.tensor(d, dtype=torch.float64), beta,
                            torch.tensor(gap, dtype=torch.float64), eta, eps)
     assert ours.tolist() == pytest.approx([hand(x, g) for x, g in zip(d, gap)], rel=1e-12)
+
+
+def test_dpo_without_label_smoothing_is_plain_dpo():
+    d = torch.tensor([1.5, -0.7, 0.0], dtype=torch.float64)
+    plain = preference_loss("dpo", d, 0.2, torch.zeros(3, dtype=torch.float64), 0.5, 0.0)
+    assert plain.tolist() == pytest.approx([-math.log(_sig(0.2 * x)) for x in d.tolist()],
+                                           rel=1e-12)
 
 
 def _kl(q, p):
@@ -368,3 +377,26 @@ def test_dry_run_bad_data_and_bad_config_write_nothing(tmp_path, init_checkpoint
     assert result.returncode == 2 and "preference_loss='kto'" in result.stderr
     assert "model.hidden_dropout=0.1" in result.stderr and "nope.jsonl not found" in result.stderr
     assert not (tmp_path / "danube_tiny_dpo").exists()
+
+
+def test_the_reference_cache_key_changes_with_what_masks_pairs(tokenizer_dir, tmp_path):
+    """Pairs longer than seq_length are masked (NaN in the reference cache); a run with a
+    longer seq_length, where they are valid, must not read those NaNs: the key covers which
+    pairs are masked (and so seq_length), as it covers the ids (templates, tokenizer,
+    append_eod)."""
+    import dataclasses
+    import json
+
+    from danube.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": "x " * n, "chosen_response": "a",
+                                          "rejected_response": "b"}) for n in (3, 60)) + "\n")
+    short = build_dpo_dataset(str(path), dataclasses.replace(_data(), seq_length=32), tokenizer)
+    long = build_dpo_dataset(str(path), dataclasses.replace(_data(), seq_length=512), tokenizer)
+    assert [p.masked for p in short.pairs] == [False, True]
+    assert [p.masked for p in long.pairs] == [False, False]
+    assert short.digest() != long.digest()
+    again = build_dpo_dataset(str(path), dataclasses.replace(_data(), seq_length=32), tokenizer)
+    assert again.digest() == short.digest()

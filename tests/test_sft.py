@@ -405,3 +405,26 @@ def test_lora_export_is_the_merged_model(tmp_path, lora_reference, megatron_worl
     tokens = torch.randint(0, vocab, (2, 40), generator=torch.Generator().manual_seed(2))
     ours = _logits(model, tokens)[..., :vocab]
     torch.testing.assert_close(hf_logits(tmp_path / "hf", tokens), ours, rtol=1e-4, atol=1e-4)
+
+
+def test_validation_follows_train_rendering_and_refuses_a_set_below_one_batch(tmp_path,
+                                                                         tokenizer_dir):
+    """validation_ds takes train_ds's prompt_template, label_key, add_eos, add_bos and
+    truncation keys unless set (NeMo-Aligner's YAML interpolates them); a validation set with
+    fewer usable conversations than its global batch is an error that says how many it needs
+    (it was skipped without a word)."""
+    from danube.config.compose import compose_sft_config
+    from danube.training.sft import _datasets
+
+    cfg = compose_sft_config("danube_tiny_sft", [
+        "model.data.train_ds.prompt_template='Q: {input} A: {output}'",
+        "model.data.train_ds.add_eos=false", "model.data.validation_ds.label_key=answer"])
+    val = cfg.model.data.validation_ds
+    assert (val.prompt_template, val.add_eos, val.label_key) == ("Q: {input} A: {output}",
+                                                                  False, "answer")
+    few = _write(tmp_path / "val.jsonl", [{"messages": CHAT}] * 3)
+    cfg = compose_sft_config("danube_tiny_sft", [
+        f"model.data.validation_ds.file_path={few}", "model.data.validation_ds.global_batch_size=8",
+        "trainer.limit_val_batches=2"])
+    with pytest.raises(ChatDataError, match="has 3 usable conversation.*at least 8"):
+        _datasets(cfg, load_tokenizer(tokenizer_dir))

@@ -403,6 +403,11 @@ class SFTDatasetConfig:
     """Pack several conversations per row within each global batch, each isolated."""
 
 
+# validation_ds keys that default to train_ds's (as ${model.data.train_ds.<key>}).
+VALIDATION_INHERITS = ("prompt_template", "label_key", "add_eos", "add_bos",
+                       "truncation_field", "truncation_method")
+
+
 @dataclass
 class SFTDataConfig:
     chat: bool = True
@@ -413,8 +418,10 @@ class SFTDataConfig:
     train_ds: SFTDatasetConfig = field(default_factory=SFTDatasetConfig)
     """Training conversations."""
     validation_ds: SFTDatasetConfig = field(
-        default_factory=lambda: SFTDatasetConfig(shuffle=False))
-    """Validation conversations (val_loss over answer tokens)."""
+        default_factory=lambda: SFTDatasetConfig(shuffle=False, **{
+            key: f"${{model.data.train_ds.{key}}}" for key in VALIDATION_INHERITS}))
+    """Validation conversations (val_loss over answer tokens); its rendering keys follow
+    train_ds unless set (NeMo-Aligner's YAML interpolates them the same way)."""
     on_error: str = "raise"
     """raise: stop at the first bad record, naming file and line | skip: count and go on."""
     embedded_cache_dir: Optional[str] = None
@@ -425,15 +432,19 @@ class SFTDataConfig:
 class LoraTuningConfig:
     adapter_dim: int = 32
     """LoRA rank r."""
-    alpha: float = 32.0
-    """Scale numerator: adapters add (alpha / adapter_dim) * B A x."""
+    alpha: Optional[float] = 32.0
+    """Scale numerator: adapters add (alpha / adapter_dim) * B A x. null: adapter_dim (NeMo's
+    default: scale 1 at any rank); a number keeps the scale alpha / r (PEFT's lora_alpha), so
+    changing only the rank changes it."""
     adapter_dropout: float = 0.0
-    """Dropout on the adapter's input."""
+    """Dropout on the adapter's input, before A (PEFT's position; NeMo's default `post`
+    applies it to the adapter's output: not offered)."""
     target_modules: List[str] = field(default_factory=lambda: ["attention_qkv"])
     """attention_qkv | attention_dense | mlp_fc1 | mlp_fc2 (NeMo's names; megatron's linear_qkv
     | linear_proj | linear_fc1 | linear_fc2 too)."""
     column_init_method: str = "xavier"
-    """Init of A (the adapter's input side): xavier | kaiming | normal | zero."""
+    """Init of A (the adapter's input side): xavier | kaiming | normal (std 0.02; NeMo's
+    `normal` uses 0.2) | zero."""
     row_init_method: str = "zero"
     """Init of B (the output side); zero makes the adapted model start as the base model."""
 
@@ -500,7 +511,9 @@ class DPOLossConfig:
     sft_loss_weight: float = 0.0
     """Weight of the SFT term (negative log-likelihood of the chosen response)."""
     label_smoothing: float = 0.0
-    """epsilon of the robust loss (the assumed rate of flipped labels), in [0, 0.5)."""
+    """epsilon, the assumed rate of flipped labels, in [0, 0.5): with `dpo` conservative DPO
+    (cDPO: -(1-e) log s(x) - e log s(-x), TRL's label_smoothing), with `robust` the robust loss;
+    refused with the other losses."""
     log_prob_forward_micro_batch_size: Optional[int] = None
     """Micro-batch size of the reference pass: it must be model.micro_batch_size (null: that),
     so that policy and reference log-probs are bit-identical at step 0."""

@@ -396,6 +396,10 @@ def _check_dpo(cfg: DPOConfig, problems: List[str]) -> None:
                         "be > 0")
     if not 0 <= d.label_smoothing < 0.5:
         problems.append(f"model.dpo.label_smoothing={d.label_smoothing} must be in [0, 0.5)")
+    elif d.label_smoothing > 0 and d.preference_loss not in ("dpo", "robust"):
+        problems.append(f"model.dpo.label_smoothing={d.label_smoothing} applies to "
+                        f"preference_loss dpo (cDPO) or robust, not {d.preference_loss!r}: "
+                        "set it to 0")
     if d.log_prob_forward_micro_batch_size not in (None, m.micro_batch_size):
         problems.append(f"model.dpo.log_prob_forward_micro_batch_size="
                         f"{d.log_prob_forward_micro_batch_size} must equal model.micro_batch_size"

@@ -75,7 +75,10 @@ def lora_scale(config_path: Path) -> float:
     from omegaconf import OmegaConf
 
     lora = OmegaConf.select(OmegaConf.load(config_path), "model.peft.lora_tuning")
-    return float(lora.alpha) / lora.adapter_dim if lora is not None else 1.0
+    if lora is None:
+        return 1.0
+    alpha = lora.adapter_dim if lora.get("alpha") is None else lora.alpha  # null: NeMo's
+    return float(alpha) / lora.adapter_dim
 
 
 def merge_adapters(layer: dict, adapters: dict, scale: float) -> dict:

@@ -69,9 +69,12 @@ class DPODataset:
     errors: List[str] = field(default_factory=list)
 
     def digest(self) -> str:
-        """sha256 of every pair's ids and trained masks, in order (the cache key's data part)."""
+        """sha256 of every pair's ids, trained masks and whether it is masked out (longer than
+        seq_length), in order (the cache key's data part): the templates, the tokenizer,
+        append_eod and seq_length all change it."""
         h = hashlib.sha256()
         for pair in self.pairs:
+            h.update(b"M" if pair.masked else b"V")
             for sample in (pair.chosen, pair.rejected):
                 h.update(np.int64(len(sample.ids)).tobytes())
                 h.update(sample.ids.astype(np.int64).tobytes())

@@ -54,6 +54,11 @@ def _init(kind: str, tensor: torch.Tensor, generator: torch.Generator) -> None:
         tensor.normal_(0.0, 0.02, generator=generator)
 
 
+def lora_alpha(lora) -> float:
+    """alpha, or NeMo's default for null: adapter_dim (scale 1)."""
+    return float(lora.adapter_dim if lora.alpha is None else lora.alpha)
+
+
 class LoRALinear(torch.nn.Module):
     """A megatron column- or row-parallel linear plus a low-rank adapter."""
 
@@ -173,7 +178,8 @@ def add_lora(chunks: List[torch.nn.Module], lora, seed: int) -> List[torch.nn.Mo
                 layer_seed = seed * 100_003 + layer.layer_number * 97 + index
                 swiglu = name == "mlp.linear_fc1" and chunk.config.gated_linear_unit
                 setattr(parent, attr, LoRALinear(
-                    getattr(parent, attr), lora.adapter_dim, lora.alpha, lora.adapter_dropout,
+                    getattr(parent, attr), lora.adapter_dim, lora_alpha(lora),
+                    lora.adapter_dropout,
                     lora.column_init_method, lora.row_init_method, layer_seed, swiglu))
     return chunks
 

@@ -50,7 +50,7 @@ METRICS = ("loss", "preference_loss", "sft_loss", "acc", "rewards_chosen_mean",
 # Mean |log pi - log pi_ref| per sequence allowed at the first step when the reference comes
 # from a cache made with another parallel layout (same layout: exactly 0).
 LAYOUT_TOLERANCE = {"32": 1e-2, "bf16": 1.0}
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the key covers which pairs are masked (seq_length)
 
 
 class ReferenceMismatch(RuntimeError):
@@ -63,8 +63,10 @@ def preference_loss(kind: str, d: torch.Tensor, beta: float, reward_gap: torch.T
                     eta: float, label_smoothing: float) -> torch.Tensor:
     """Per-pair preference loss of d = u_c - u_r (see model.dpo in the schema)."""
     x = beta * d
-    if kind == "dpo":
-        return -F.logsigmoid(x)
+    if kind == "dpo":  # with label_smoothing: conservative DPO (cDPO, as TRL defines it)
+        eps = label_smoothing
+        return -F.logsigmoid(x) if eps == 0 else \
+            -(1 - eps) * F.logsigmoid(x) - eps * F.logsigmoid(-x)
     if kind == "ipo":
         return (d - 1.0 / (2.0 * beta)) ** 2
     if kind == "rpo_sq":
@@ -299,9 +301,17 @@ def reference_cache(cfg: DPOConfig, reference: Reference, dataset: DPODataset, s
     path = cache_dir(cfg) / f"{key}.pt"
     if path.is_file():
         saved = torch.load(path, weights_only=True)
-        log.info(f"reference log-probs ({split}): reusing {path} (computed with layout "
-                 f"{saved['layout']})")
-        return ReferenceCache(saved["chosen"], saved["rejected"], path, saved["layout"], False)
+        valid = torch.tensor([not p.masked for p in dataset.pairs])
+        usable = len(saved["chosen"]) == len(dataset.pairs) and bool(
+            torch.isfinite(saved["chosen"][valid]).all()
+            and torch.isfinite(saved["rejected"][valid]).all())
+        if usable:
+            log.info(f"reference log-probs ({split}): reusing {path} (computed with layout "
+                     f"{saved['layout']})")
+            return ReferenceCache(saved["chosen"], saved["rejected"], path, saved["layout"],
+                                  False)
+        log.info(f"reference log-probs ({split}): {path} lacks values for pairs valid now "
+                 "(written for other data); computing them again")
     log.info(f"reference log-probs ({split}): one pass over {len(dataset.pairs)} pairs -> "
              f"{path}")
     values = _precompute(reference, dataset, batching, m.global_batch_size, m.seed,

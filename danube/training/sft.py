@@ -42,6 +42,14 @@ def _datasets(cfg: SFTConfig, tokenizer: Tokenizer) -> Tuple[SFTDataset, Optiona
             f"model.data.train_ds has {len(train.samples)} trainable conversation(s) "
             f"({train.stats}), fewer than one global batch "
             f"({data.train_ds.global_batch_size}): add data or lower model.global_batch_size")
+    validates = cfg.trainer.limit_val_batches > 0
+    if val is not None and validates and len(val.samples) < data.validation_ds.global_batch_size:
+        raise ChatDataError(
+            f"model.data.validation_ds has {len(val.samples)} usable conversation(s) "
+            f"({val.stats}), fewer than one global batch "
+            f"({data.validation_ds.global_batch_size}): validation would be skipped. Give it at "
+            f"least {data.validation_ds.global_batch_size}, or lower "
+            "model.data.validation_ds.global_batch_size, or set trainer.limit_val_batches=0")
     return train, val
 
 
