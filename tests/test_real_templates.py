@@ -140,3 +140,147 @@ def test_dpo_prompt_is_a_prefix_and_responses_end_at_the_end_of_turn(model):
         assert response == text + closing, (name, response)
         assert sample.trained.tolist() == [False] * len(prompt_ids) + [True] * (
             len(ids) - len(prompt_ids))
+
+
+# --- end to end: an instruct model on a real vocabulary and template --------------------------
+
+CONVERSATIONS = [TURNS, TURNS[:2],
+                 [{"role": "user", "content": "Name a prime."},
+                  {"role": "assistant", "content": "Seven."}],
+                 [{"role": "user", "content": "And an even one?"},
+                  {"role": "assistant", "content": "Two, the only even prime."}]]
+
+
+def _smol_generation_template() -> str:
+    source = real.template("HuggingFaceTB-SmolLM2-135M-Instruct")
+    plain = "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    return source.replace(plain, (
+        "{% if message['role'] == 'assistant' %}{{'<|im_start|>assistant\n'}}"
+        "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+        "{{'\n'}}{% else %}" + plain + "{% endif %}"))
+
+
+def _instruct_model(path):
+    """A small Llama-architecture instruct model (random weights) on Qwen's vocabulary, with
+    SmolLM2's ChatML template marked with {% generation %} blocks (TRL's convention), saved
+    as transformers saves it."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    real.qwen25(path, _smol_generation_template())
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=151646, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        eos_token_id=151645, pad_token_id=151643, tie_word_embeddings=False))
+    model.save_pretrained(path)
+    return path
+
+
+def test_sft_on_an_imported_instruct_model_has_transformers_loss(tmp_path):
+    """HF instruct model (real vocabulary and template) -> hf_to_mcore -> SFT: step 1's loss
+    (before any update) equals the mean cross-entropy over the assistant tokens that
+    transformers computes on the original model, its mask taken from transformers'
+    `return_assistant_tokens_mask` (fp32, 1e-5 relative). An extra EOS, a wrong mask or a
+    wrong id makes it differ. Then the export loads in transformers and greedy decoding from
+    it equals the original's."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.conftest import run_sft, train_records
+    from tests.test_conversion import convert
+
+    hf = _instruct_model(tmp_path / "hf")
+    convert("hf_to_mcore.py", hf, tmp_path / "ours")
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CONVERSATIONS))
+    run_sft([f"model.restore_from_path={tmp_path / 'ours' / 'checkpoint'}",
+             f"model.data.train_ds.file_path={data}", "model.data.validation_ds.file_path=null",
+             "model.encoder_seq_length=128", "model.global_batch_size=4",
+             "model.micro_batch_size=2", "model.data.train_ds.packed_sequence=false",
+             "model.data.train_ds.shuffle=false", "trainer.max_epochs=null",
+             "trainer.max_steps=2", "trainer.log_every_n_steps=1", "trainer.limit_val_batches=0",
+             "trainer.precision=32", "exp_manager.create_tensorboard_logger=false",
+             "model.optim.sched.warmup_steps=1", "model.optim.lr=1e-3",
+             f"exp_manager.exp_dir={tmp_path}", "exp_manager.name=sft"])
+    ours = train_records(tmp_path / "sft")[1]["loss"]
+
+    tokenizer = AutoTokenizer.from_pretrained(hf)
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    total, count = 0.0, 0
+    for conversation in CONVERSATIONS:
+        out = tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)
+        ids = torch.tensor([out["input_ids"]])
+        mask = torch.tensor(out["assistant_masks"][1:], dtype=torch.bool)  # labels' mask
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, :-1]
+        losses = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
+        total += float(losses[mask].sum())
+        count += int(mask.sum())
+    assert ours == pytest.approx(total / count, rel=1e-5)
+
+    convert("mcore_to_hf.py", tmp_path / "ours" / "checkpoint", tmp_path / "back")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "back", dtype=torch.float32).eval()
+    prompt = torch.tensor([tokenizer.apply_chat_template(TURNS[:1], add_generation_prompt=True,
+                                                         tokenize=True, return_dict=False)])
+    outputs = [m.generate(prompt, max_new_tokens=8, do_sample=False)[0].tolist()
+               for m in (model, back)]
+    assert outputs[0] == outputs[1]
+
+
+def test_dpo_on_an_imported_instruct_model_has_transformers_log_probs(tmp_path):
+    """The same model through DPO: step 1's mean summed log-probs of the chosen and rejected
+    responses equal transformers' on the original model, each response being the tokens after
+    the rendered prompt through the model's <|im_end|> (TRL's definition without the newline
+    ChatML writes after it)."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.conftest import run_dpo, train_records
+    from tests.test_conversion import convert
+
+    hf = _instruct_model(tmp_path / "hf")
+    convert("hf_to_mcore.py", hf, tmp_path / "ours")
+    pairs = [{"prompt": [{"role": "user", "content": "Name a prime."}],
+              "chosen": "Seven.", "rejected": "Eight, I think."},
+             {"prompt": TURNS[:1], "chosen": TURNS[1]["content"],
+              "rejected": "It prints the time."}]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    run_dpo([f"model.restore_from_path={tmp_path / 'ours' / 'checkpoint'}",
+             f"model.data.data_prefix.train={data}", "model.data.data_prefix.validation=null",
+             "model.encoder_seq_length=128", "model.global_batch_size=2",
+             "model.micro_batch_size=1", "model.data.packed_sequence=false",
+             "model.data.shuffle=false", "trainer.max_epochs=null", "trainer.max_steps=2",
+             "trainer.log_every_n_steps=1", "trainer.limit_val_batches=0",
+             "trainer.precision=32", "exp_manager.create_tensorboard_logger=false",
+             "model.optim.sched.warmup_steps=1", "model.optim.lr=1e-4",
+             f"exp_manager.exp_dir={tmp_path}", "exp_manager.name=dpo"])
+    step1 = train_records(tmp_path / "dpo")[1]
+
+    tokenizer = AutoTokenizer.from_pretrained(hf)
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    sums = {"chosen": [], "rejected": []}
+    for pair in pairs:
+        prompt = tokenizer.apply_chat_template(pair["prompt"], add_generation_prompt=True,
+                                               tokenize=True, return_dict=False)
+        for key in sums:
+            full = tokenizer.apply_chat_template(
+                pair["prompt"] + [{"role": "assistant", "content": pair[key]}],
+                tokenize=True, return_dict=False)
+            assert full[:len(prompt)] == prompt
+            stop = len(full) - full[::-1].index(end)  # through the last <|im_end|>
+            ids = torch.tensor([full[:stop]])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1)
+            targets = ids[0, 1:]
+            token_logps = logp[torch.arange(len(targets)), targets][len(prompt) - 1:]
+            sums[key].append(float(token_logps.sum()))
+    for key in sums:
+        assert step1[f"logps_{key}"] == pytest.approx(sum(sums[key]) / len(pairs), rel=1e-5)
