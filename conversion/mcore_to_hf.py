@@ -1,6 +1,12 @@
 """A danube checkpoint (any TP/PP layout) -> Hugging Face directory (safetensors shards).
 
     python conversion/mcore_to_hf.py results/danube_tiny/checkpoints/step_00000300 hf/danube_tiny
+    python conversion/mcore_to_hf.py <LoRA run checkpoint> hf/adapter --adapter-only
+    python conversion/mcore_to_hf.py <LoRA run checkpoint> hf/base --base-only
+
+A LoRA run's checkpoint exports as the merged model by default; --adapter-only writes its
+adapters as a PEFT adapter directory (`PeftModel.from_pretrained(base, dir)`), --base-only the
+base weights it adapts.
 """
 
 import argparse
@@ -26,13 +32,21 @@ def main() -> None:
     parser.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (5GB)")
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer directory (default: the checkpoint's own tokenizer/)")
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--adapter-only", action="store_true",
+                      help="a LoRA run's adapters as a PEFT adapter directory")
+    only.add_argument("--base-only", action="store_true",
+                      help="a LoRA run's base weights, without its adapters merged")
     args = parser.parse_args()
     quiet_engine_notices()
-    from danube.conversion.exporter import export_hf
+    from danube.conversion.exporter import export_adapter, export_hf
 
     try:
-        out = export_hf(args.checkpoint_dir, args.hf_dir, shard_bytes(args.max_shard_size),
-                        args.tokenizer)
+        if args.adapter_only:
+            out = export_adapter(args.checkpoint_dir, args.hf_dir)
+        else:
+            out = export_hf(args.checkpoint_dir, args.hf_dir, shard_bytes(args.max_shard_size),
+                            args.tokenizer, merge=not args.base_only)
     except ConversionError as error:
         sys.exit(f"error: {error}")
     print(f"wrote {out}")

@@ -400,3 +400,16 @@ def test_the_reference_cache_key_changes_with_what_masks_pairs(tokenizer_dir, tm
     assert short.digest() != long.digest()
     again = build_dpo_dataset(str(path), dataclasses.replace(_data(), seq_length=32), tokenizer)
     assert again.digest() == short.digest()
+
+
+def test_the_step_one_check_is_exact_on_cpu_and_tolerant_of_kernels_on_a_gpu():
+    """Policy == reference at step 1: bit-exact on a CPU (the same kernels), within rounding
+    on a GPU where the train-mode and no_grad passes may take different kernels (no false
+    stop on the first GPU DPO run); a cache from another layout is within rounding anywhere."""
+    from danube.training.dpo import LAYOUT_TOLERANCE, first_step_tolerance
+
+    assert first_step_tolerance(True, "32", cuda=False) == 0.0
+    assert first_step_tolerance(True, "bf16-mixed", cuda=False) == 0.0
+    assert first_step_tolerance(True, "bf16-mixed", cuda=True) == LAYOUT_TOLERANCE["bf16"]
+    assert first_step_tolerance(True, "32", cuda=True) == LAYOUT_TOLERANCE["32"]
+    assert first_step_tolerance(False, "32", cuda=False) == LAYOUT_TOLERANCE["32"]

@@ -428,3 +428,34 @@ def test_validation_follows_train_rendering_and_refuses_a_set_below_one_batch(tm
         "trainer.limit_val_batches=2"])
     with pytest.raises(ChatDataError, match="has 3 usable conversation.*at least 8"):
         _datasets(cfg, load_tokenizer(tokenizer_dir))
+
+
+def test_lora_adapter_only_export_loads_in_peft_onto_the_base(tmp_path, lora_reference):
+    """`mcore_to_hf.py --adapter-only` writes a PEFT adapter directory; `peft` loads it onto
+    the `--base-only` export of the same checkpoint, and the logits equal the merged export's
+    (q/k/v de-interleaved from megatron's per-group order and gate/up split as the weights
+    are; A shared by the blocks of a fused linear)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import ROOT
+    from tests.test_conversion import convert
+
+    final = lora_reference / "checkpoints" / "step_00000006"
+    convert("mcore_to_hf.py", final, tmp_path / "merged")
+    convert("mcore_to_hf.py", final, tmp_path / "base", "--base-only")
+    convert("mcore_to_hf.py", final, tmp_path / "adapter", "--adapter-only")
+    tokens = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 1]])
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    with torch.no_grad():
+        plain = base(input_ids=tokens).logits
+        want = merged.eval()(input_ids=tokens).logits
+    adapted = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        got = adapted(input_ids=tokens).logits
+    assert not torch.allclose(plain, want, atol=1e-4)  # the adapters change the model
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    refused = convert("mcore_to_hf.py", ROOT / "nothing", tmp_path / "x", "--adapter-only",
+                      check=False)
+    assert refused.returncode != 0 and "has no config.yaml" in refused.stderr

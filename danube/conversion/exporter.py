@@ -19,7 +19,13 @@ from danube.conversion import ConversionError, output_problem, staged_output
 from danube.conversion.hf_config import export_problems, hf_config_from_model
 from danube.conversion.hf_files import ShardedSafetensorsWriter
 from danube.conversion.hf_tokenizer import generation_config, token_ids, write_hf_tokenizer
-from danube.conversion.layout import GLOBALS, Geometry, hf_layer_name, mcore_to_hf_layer
+from danube.conversion.layout import (
+    GLOBALS,
+    Geometry,
+    hf_layer_name,
+    mcore_to_hf_layer,
+    split_qkv,
+)
 from danube.data.tokenizer import load_tokenizer
 from danube.model.lora_merge import merge_lora
 from danube.paths import CONFIG_FILE, TOKENIZER_DIR, checkpoint_problem
@@ -44,8 +50,10 @@ def _problems(ckpt: Path, hf_dir: Path, tokenizer_dir: Path):
 
 
 def export_hf(ckpt: Path, hf_dir: Path, max_shard_bytes: int = 5 * 2**30,
-              tokenizer_dir: Path = None) -> Path:
-    """Convert; returns hf_dir. Raises ConversionError (nothing written) on bad input."""
+              tokenizer_dir: Path = None, merge: bool = True) -> Path:
+    """Convert; returns hf_dir. Raises ConversionError (nothing written) on bad input.
+    `merge=False` (a LoRA run's checkpoint): the base weights alone, for `export_adapter`'s
+    adapter to load onto."""
     from danube.conversion.mcore_files import DistCheckpointReader
 
     ckpt, hf_dir = Path(ckpt), Path(hf_dir)
@@ -60,7 +68,7 @@ def export_hf(ckpt: Path, hf_dir: Path, max_shard_bytes: int = 5 * 2**30,
         # only megatron's padding beyond them is dropped.
         vocab = model.vocab_size or tokenizer.vocab_size
         dtype = _stream_weights(reader, model, vocab, tmp, max_shard_bytes,
-                                lora_scale(ckpt / CONFIG_FILE))
+                                lora_scale(ckpt / CONFIG_FILE) if merge else None)
         ids = token_ids(tokenizer, tokenizer_dir)
         config = hf_config_from_model(model, vocab, ids, dtype)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
@@ -79,6 +87,79 @@ def lora_scale(config_path: Path) -> float:
         return 1.0
     alpha = lora.adapter_dim if lora.get("alpha") is None else lora.alpha  # null: NeMo's
     return float(alpha) / lora.adapter_dim
+
+
+# megatron's adapted linear -> the HF modules it feeds (PEFT target names) and how B's rows
+# split between them (A is shared: each HF module gets the same A and its rows of B).
+PEFT_MODULES = {
+    "self_attention.linear_qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")),
+    "self_attention.linear_proj": ("self_attn", ("o_proj",)),
+    "mlp.linear_fc1": ("mlp", ("gate_proj", "up_proj")),
+    "mlp.linear_fc2": ("mlp", ("down_proj",)),
+}
+
+
+def peft_layer_adapters(adapters: dict, g: Geometry, layer: int) -> dict:
+    """One layer's adapters (megatron layout, full tensors) in PEFT's names: W + s B A of a
+    fused linear is, row block by row block, W_i + s B_i A, so q/k/v (de-interleaved from
+    megatron's per-group order, as the weight is) and gate/up each get their block of B and
+    the shared A. Exact: the PEFT model computes the merged export's weights."""
+    out = {}
+    for module, (parent, names) in PEFT_MODULES.items():
+        if f"{module}.lora_a" not in adapters:
+            continue
+        a, b = adapters[f"{module}.lora_a"], adapters[f"{module}.lora_b"]
+        if module.endswith("linear_qkv"):
+            blocks = split_qkv(b, g)
+        elif module.endswith("linear_fc1"):
+            blocks = torch.chunk(b, 2, dim=0)
+        else:
+            blocks = (b,)
+        for name, block in zip(names, blocks):
+            prefix = f"base_model.model.model.layers.{layer}.{parent}.{name}"
+            out[f"{prefix}.lora_A.weight"] = a.clone().contiguous()  # own storage each
+            out[f"{prefix}.lora_B.weight"] = block.clone().contiguous()
+    return out
+
+
+def export_adapter(ckpt: Path, out_dir: Path) -> Path:
+    """A LoRA run's adapters as a Hugging Face PEFT adapter directory (adapter_config.json,
+    adapter_model.safetensors) that `PeftModel.from_pretrained` loads onto the base export
+    (`export_hf(..., merge=False)` of the same checkpoint, or of the checkpoint the run
+    started from). Raises ConversionError (nothing written) on bad input."""
+    from omegaconf import OmegaConf
+    from safetensors.torch import save_file
+
+    from danube.conversion.mcore_files import DistCheckpointReader
+
+    ckpt, out_dir = Path(ckpt), Path(out_dir)
+    problems = [] if (ckpt / CONFIG_FILE).is_file() else [f"{ckpt} has no {CONFIG_FILE}"]
+    if out_dir.exists():
+        problems.append(f"{out_dir} exists: give a new directory")
+    lora = OmegaConf.select(OmegaConf.load(ckpt / CONFIG_FILE), "model.peft.lora_tuning") \
+        if not problems else None
+    reader = DistCheckpointReader(ckpt) if not problems else None
+    if not problems and (lora is None or not reader.adapter_keys()):
+        problems.append(f"{ckpt} holds no LoRA adapters (not written by a model.peft.peft_"
+                        "scheme=lora run): export it whole without --adapter-only")
+    if problems:
+        raise ConversionError(problems)
+    model = load_model_config(ckpt / CONFIG_FILE)
+    geometry, keys = Geometry.of(model), reader.adapter_keys()
+    tensors = {}
+    for index in range(reader.num_layers):
+        tensors.update(peft_layer_adapters(reader.layer(index, keys), geometry, index))
+    targets = sorted({k.split(".")[-3] for k in tensors})
+    alpha = lora.adapter_dim if lora.get("alpha") is None else lora.alpha
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": int(lora.adapter_dim),
+              "lora_alpha": float(alpha), "lora_dropout": float(lora.adapter_dropout),
+              "target_modules": targets, "bias": "none", "fan_in_fan_out": False,
+              "inference_mode": True, "use_rslora": False, "modules_to_save": None,
+              "base_model_name_or_path": None}
+    with staged_output(out_dir) as tmp:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return out_dir
 
 
 def merge_adapters(layer: dict, adapters: dict, scale: float) -> dict:
@@ -105,7 +186,7 @@ def _stream_weights(reader, model, vocab: int, out_dir: Path, max_shard_bytes: i
     adapters = reader.adapter_keys()
     for index in tqdm(range(model.num_layers), desc="layers", unit="layer"):
         layer = reader.layer(index)
-        if adapters:  # LoRA: the exported model is the merged one
+        if adapters and scale is not None:  # LoRA: the exported model is the merged one
             layer = merge_adapters(layer, reader.layer(index, adapters), scale)
         for key, tensor in mcore_to_hf_layer(layer, geometry).items():
             writer.add(hf_layer_name(index, key), tensor)

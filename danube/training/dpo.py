@@ -53,6 +53,19 @@ LAYOUT_TOLERANCE = {"32": 1e-2, "bf16": 1.0}
 CACHE_VERSION = 2  # 2: the key covers which pairs are masked (seq_length)
 
 
+def first_step_tolerance(exact: bool, precision: str, cuda: bool) -> float:
+    """How far step 1's policy log-probs may be from the reference's (per sequence). 0 where
+    the same kernels compute both from the same micro-batches (CPU: the train-mode pass with
+    autograd and the eval-mode pass under no_grad give the same bits). On a GPU the two passes
+    may take different kernels (an attention backward-capable kernel for the policy,
+    another under no_grad; TE's FP8 amax updates in training), so the same tolerance as a
+    cache from another layout applies: a wrong reference is off by far more (nats), not by
+    rounding."""
+    if exact and not cuda:
+        return 0.0
+    return LAYOUT_TOLERANCE["32" if precision in ("32", "32-true") else "bf16"]
+
+
 class ReferenceMismatch(RuntimeError):
     """Policy and reference disagree where they must be the same model."""
 
@@ -399,8 +412,10 @@ def dpo_recipe(cfg: DPOConfig, datasets: Dict[str, Optional[DPODataset]], batchi
 
     cache = caches.get("train")
     exact = cache is None or cache.computed_now or cache.layout == layout_of(cfg)
-    tolerance = 0.0 if exact else LAYOUT_TOLERANCE[
-        "32" if str(cfg.trainer.precision) in ("32", "32-true") else "bf16"]
+    from danube.runtime import use_cuda
+
+    tolerance = first_step_tolerance(exact, str(cfg.trainer.precision),
+                                     use_cuda(cfg.trainer.accelerator))
 
     def check_first_step(metrics: Dict[str, float]) -> None:
         """At the first step the policy is the reference: their log-probs must agree."""
