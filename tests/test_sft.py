@@ -459,3 +459,49 @@ def test_lora_adapter_only_export_loads_in_peft_onto_the_base(tmp_path, lora_ref
     refused = convert("mcore_to_hf.py", ROOT / "nothing", tmp_path / "x", "--adapter-only",
                       check=False)
     assert refused.returncode != 0 and "has no config.yaml" in refused.stderr
+
+
+@pytest.mark.parametrize("record, needle", [
+    ({"mask": "Assistant"}, "mask='Assistant': only the user's turns can be masked"),
+    ({"type": "TEXT_TO_VALUE"}, "SteerLM attribute labels (type='TEXT_TO_VALUE'"),
+    ({"label": "quality:4"}, "1 labelled turn(s)"),
+])
+def test_nemo_record_fields_are_honoured_or_refused_by_name(record, needle):
+    """NeMo chat records: mask User (and type VALUE_TO_TEXT with null labels) is plain chat;
+    other masks and SteerLM labels are refused naming the field."""
+    turns = [{"from": "User", "value": "hi", "label": None},
+             {"from": "Assistant", "value": "hello", "label": None}]
+    plain = {"system": "", "mask": "User", "type": "VALUE_TO_TEXT", "conversations": turns}
+    assert [m["role"] for m in messages_of(plain, "x:1")] == ["user", "assistant"]
+    if "label" in record:
+        bad = {**plain, "conversations": [{**turns[0], "label": record["label"]}, turns[1]]}
+    else:
+        bad = {**plain, **record}
+    import re
+
+    with pytest.raises(ChatDataError, match=re.escape(needle)):
+        messages_of(bad, "x:1")
+
+
+@pytest.mark.parametrize("method", ["right", "left"])
+def test_truncation_field_shortens_the_prompt_and_keeps_the_answer(tokenizer_dir, tmp_path,
+                                                                  method):
+    """NeMo's truncation_field: a prompt-response record over max_seq_length loses tokens of
+    that field (right: its end, left: its start); the answer and its EOS stay whole and
+    trained."""
+    tokenizer = load_tokenizer(tokenizer_dir)
+    words = " ".join(f"w{i}" for i in range(60))
+    path = _write(tmp_path / "long.jsonl", [{"input": words, "output": "Return a string."}])
+    data = SFTDataConfig(chat=False, train_ds=SFTDatasetConfig(
+        file_path=str(path), max_seq_length=32, prompt_template="Q: {input}\nA: {output}",
+        truncation_method=method))
+    ds = build_sft_dataset(data.train_ds, data, tokenizer, True)
+    sample = ds.samples[0]
+    text = tokenizer.detokenize(sample.ids)
+    assert len(sample.ids) <= 33 and sample.truncated and ds.stats["truncated"] == 1
+    assert text.endswith("\nA: Return a string.</s>") and text.startswith("Q: ")
+    kept = text[len("Q: "):text.index("\nA:")].strip()
+    assert 0 < len(kept) < len(words)
+    # a token-level cut: the start of the field (right) or its end (left)
+    assert words.startswith(kept) if method == "right" else words.endswith(kept)
+    assert tokenizer.detokenize(sample.ids[sample.trained]).strip() == "Return a string.</s>"

@@ -365,6 +365,8 @@ class ChatPromptTokensConfig:
     system_turn_start: str = "<extra_id_0>"
     turn_start: str = "<extra_id_1>"
     label_start: str = "<extra_id_2>"
+    """NeMo's SteerLM attribute-label marker: records with labels are refused (ChatDataError
+    naming the record), so it is never rendered; kept so NeMo configs compose."""
     end_of_turn: str = "\n"
     end_of_name: str = "\n"
 
@@ -394,7 +396,8 @@ class SFTDatasetConfig:
     add_bos: bool = False
     """Start every sample with the beginning-of-sequence token."""
     truncation_field: str = "input"
-    """Prompt-response: the field cut first when too long (only `input` is supported)."""
+    """Prompt-response: the field shortened (by truncation_method) when a record is too long,
+    so the answer stays whole (NeMo's); a field of prompt_template, not the answer."""
     truncation_method: str = "right"
     """right: keep the start, cut the end | left: keep the end."""
     prompt_template: str = "{input} {output}"

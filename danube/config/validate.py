@@ -341,9 +341,11 @@ def _check_sft_data(cfg: SFTConfig, problems: List[str]) -> None:
         ds, key = getattr(data, split), f"model.data.{split}"
         _check_choice(problems, f"{key}.truncation_method", ds.truncation_method,
                       ("right", "left"))
-        if ds.truncation_field != "input":
-            problems.append(f"{key}.truncation_field={ds.truncation_field!r}: only 'input' is "
-                            "supported (the prompt side is cut first)")
+        if not data.chat and ("{" + ds.truncation_field + "}" not in ds.prompt_template
+                              or ds.truncation_field == ds.label_key):
+            problems.append(f"{key}.truncation_field={ds.truncation_field!r} must be a field "
+                            f"of prompt_template other than the answer ({ds.label_key!r}): it "
+                            "is what gets shortened when a record is too long")
         if not ds.drop_last:
             problems.append(f"{key}.drop_last=false is not supported (as in NeMo-Aligner): "
                             "every global batch is whole")

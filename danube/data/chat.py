@@ -269,6 +269,23 @@ def check_messages(messages: List[dict], where: str) -> None:
             raise ChatDataError(f"{where}: message content must be a string")
 
 
+def _check_nemo_fields(record: dict, turns: list, where: str) -> None:
+    """NeMo chat's other record fields: `mask` names the speaker whose turns are not trained
+    (User: what we do; anything else is refused), `type` and per-turn `label` are SteerLM's
+    attribute conditioning (refused unless absent/null: VALUE_TO_TEXT without labels is plain
+    chat)."""
+    mask = record.get("mask")
+    if mask is not None and str(mask).lower() not in ("user", "human"):
+        raise ChatDataError(f"{where}: mask={mask!r}: only the user's turns can be masked "
+                            "(mask: User, NeMo's default); the assistant's are what is trained")
+    kind = record.get("type")
+    labelled = [t for t in turns if t.get("label") not in (None, "")]
+    if kind not in (None, "", "VALUE_TO_TEXT") or labelled:
+        raise ChatDataError(f"{where}: SteerLM attribute labels (type={kind!r}, "
+                            f"{len(labelled)} labelled turn(s)) are not supported; drop "
+                            "'type' and the turns' 'label' fields to train on the text alone")
+
+
 def messages_of(record: dict, where: str) -> List[dict]:
     """A chat record in either chat format -> messages (roles checked)."""
     if "messages" in record:
@@ -283,6 +300,7 @@ def messages_of(record: dict, where: str) -> List[dict]:
         turns = record["conversations"]
         if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
             raise ChatDataError(f"{where}: 'conversations' must be a list of {{from, value}}")
+        _check_nemo_fields(record, turns, where)
         messages = [{"role": "system", "content": record["system"]}] \
             if record.get("system") else []
         for turn in turns:
@@ -357,9 +375,34 @@ def encode_chat(messages: List[dict], template: ChatTemplate, tokenizer: Tokeniz
 
 
 def encode_prompt_response(record: dict, prompt_template: str, label_key: str,
-                           tokenizer: Tokenizer, answer_only: bool, where: str) -> Encoded:
+                           tokenizer: Tokenizer, answer_only: bool, where: str,
+                           budget: Optional[int] = None, truncation_field: str = "input",
+                           truncation_method: str = "right") -> Encoded:
     """NeMo prompt-response: `prompt_template` with {input}-style fields; the `label_key`
-    field is the answer (rendered last, as NeMo requires)."""
+    field is the answer (rendered last, as NeMo requires). Over `budget` tokens, the
+    `truncation_field` is shortened first (NeMo's truncation_field: `right` keeps its start,
+    `left` its end), so the answer stays whole; only what is still too long is cut by
+    `finish`."""
+    encoded = _encode_prompt_response(record, prompt_template, label_key, tokenizer,
+                                      answer_only, where)
+    value = record.get(truncation_field)
+    if budget is None or len(encoded.ids) <= budget or not isinstance(value, str):
+        return encoded
+    for _ in range(4):  # re-tokenizing the joint text can shift a token or two
+        field_ids = tokenizer.hf.encode(value, add_special_tokens=False).ids
+        keep = max(len(field_ids) - (len(encoded.ids) - budget), 0)
+        field_ids = field_ids[:keep] if truncation_method == "right" \
+            else field_ids[len(field_ids) - keep:]
+        value = tokenizer.hf.decode(field_ids, skip_special_tokens=False)
+        encoded = _encode_prompt_response({**record, truncation_field: value}, prompt_template,
+                                          label_key, tokenizer, answer_only, where)
+        if len(encoded.ids) <= budget or keep == 0:
+            break
+    return Encoded(encoded.ids, encoded.trained, truncated=True)
+
+
+def _encode_prompt_response(record: dict, prompt_template: str, label_key: str,
+                            tokenizer: Tokenizer, answer_only: bool, where: str) -> Encoded:
     marker = "{" + label_key + "}"
     if not prompt_template.rstrip().endswith(marker):
         raise ChatDataError(f"prompt_template {prompt_template!r} must end with {marker}")
@@ -394,8 +437,8 @@ def finish(encoded: Encoded, tokenizer: Tokenizer, add_bos: bool, add_eos: bool,
     if add_bos and tokenizer.bos is not None and (not ids or ids[0] != tokenizer.bos):
         ids.insert(0, tokenizer.bos)
         trained.insert(0, False)
-    truncated = len(ids) > max_tokens
-    if truncated:
+    truncated = encoded.truncated or len(ids) > max_tokens
+    if len(ids) > max_tokens:
         keep = slice(0, max_tokens) if truncation_method == "right" else slice(-max_tokens, None)
         ids, trained = ids[keep], trained[keep]
     return Encoded(ids, trained, truncated)

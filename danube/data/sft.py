@@ -78,8 +78,11 @@ def build_sft_dataset(ds, data, tokenizer: Tokenizer, answer_only: bool,
                     encoded = encode_chat(messages_of(record, where), template, tokenizer,
                                           answer_only, where)
                 else:
-                    encoded = encode_prompt_response(record, ds.prompt_template, ds.label_key,
-                                                     tokenizer, answer_only, where)
+                    extra = int(ds.add_eos is not False) + int(bool(ds.add_bos))
+                    encoded = encode_prompt_response(
+                        record, ds.prompt_template, ds.label_key, tokenizer, answer_only,
+                        where, ds.max_seq_length + 1 - extra, ds.truncation_field,
+                        ds.truncation_method)
             except ChatDataError as error:
                 if on_error != "skip":
                     raise
