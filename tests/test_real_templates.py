@@ -284,3 +284,34 @@ def test_dpo_on_an_imported_instruct_model_has_transformers_log_probs(tmp_path):
             sums[key].append(float(token_logps.sum()))
     for key in sums:
         assert step1[f"logps_{key}"] == pytest.approx(sum(sums[key]) / len(pairs), rel=1e-5)
+
+
+def test_native_generation_stops_at_the_model_s_end_of_turn(tmp_path, megatron_world):
+    """Greedy generation of the imported instruct model (its LM head made to emit <|im_end|>
+    as the third token) stops there, as transformers' does, not at the pretraining
+    separator <|endoftext|> (the old stop: generation ran on to max_new_tokens)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from danube.inference.generate import Sampling, generate
+    from danube.inference.model import open_checkpoint
+    from tests.test_conversion import convert
+
+    hf = _instruct_model(tmp_path / "hf")
+    tokenizer = AutoTokenizer.from_pretrained(hf)
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    prompt = tokenizer.apply_chat_template(TURNS[:1], add_generation_prompt=True, tokenize=True,
+                                           return_dict=False)
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    with torch.no_grad():
+        third = model.generate(torch.tensor([prompt]), max_new_tokens=3, do_sample=False,
+                               eos_token_id=None)[0, -1]
+        model.lm_head.weight[end] = 1.5 * model.lm_head.weight[third]
+    model.save_pretrained(hf)
+    theirs = model.generate(torch.tensor([prompt]), max_new_tokens=12,
+                            do_sample=False)[0, len(prompt):].tolist()
+    assert theirs[-1] == end and len(theirs) < 12
+    convert("hf_to_mcore.py", hf, tmp_path / "ours")
+    with open_checkpoint(tmp_path / "ours" / "checkpoint", "32", accelerator="cpu") as im:
+        ours = generate(im, [prompt], Sampling(max_new_tokens=12))[0]
+    assert ours.tokens == theirs and ours.finish == "eos"

@@ -116,6 +116,20 @@ def _no_progress_bar() -> Iterator[None]:
         static_engine.tqdm = original
 
 
+class _StopAtEos:
+    """The tokenizer as megatron's text generation controller sees it: it ends a request at
+    `tokenizer.eod` (the static path ignores SamplingParams.termination_id), so `eod` here is
+    the model's own EOS / end of turn (<|im_end|>, <|eot_id|>), not the pretraining data's
+    document separator."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+        self.eod = tokenizer.eos
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+
 def _engine(im: InferenceModel, batch: int, max_seq_length: int, seed: int):
     from megatron.core.inference.contexts import StaticInferenceContext
     from megatron.core.inference.engines import StaticInferenceEngine
@@ -139,7 +153,7 @@ def _engine(im: InferenceModel, batch: int, max_seq_length: int, seed: int):
     )
     context = StaticInferenceContext.from_config(config)
     wrapped = GPTInferenceWrapper(im.model, config, context)
-    controller = TextGenerationController(wrapped, im.tokenizer)
+    controller = TextGenerationController(wrapped, _StopAtEos(im.tokenizer))
     import warnings
 
     with warnings.catch_warnings():
@@ -224,6 +238,10 @@ def generate(im: InferenceModel, prompts: Sequence, sampling: Sampling,
             for rid, tokens in zip(request_ids, chunk):
                 done = engine.scheduler.completed_request_pool[rid]
                 out = [int(t) for t in done.generated_tokens]
+                # megatron counts the terminating EOS out of the generated length: a request
+                # that ended early ended on it (kept, as transformers keeps it)
+                if len(out) < sampling.max_new_tokens and (not out or out[-1] != eod):
+                    out.append(eod)
                 body = out[:-1] if out and out[-1] == eod else out
                 text, found = cut_at_stop(im.tokenizer.detokenize(body), sampling.stop)
                 finish = "stop" if found else "eos" if out and out[-1] == eod else "length"
