@@ -183,3 +183,38 @@ def test_lora_alpha_null_is_nemo_s_scale_one(megatron_world):
                           lora_tuning=LoraTuningConfig(adapter_dim=rank, alpha=alpha))
         chunks = build_model_chunks(m, transformer_config(m, "32", False), 100, False, peft)
         assert {module.scale for module in lora_modules(chunks)} == {scale}
+
+
+@pytest.mark.parametrize("position", ["pre", "post"])
+def test_lora_dropout_position_is_where_the_mask_applies(megatron_world, position):
+    """lora_tuning.dropout_position (NeMo's key): `pre` drops the adapter's input (PEFT),
+    `post` its output (NeMo's default): one adapted linear's train-mode forward equals
+    base + s B A (x * mask) for pre and base + mask * (s B A x) for post, the mask drawn
+    from the same seed."""
+    import torch
+
+    from danube.config.schema import LoraTuningConfig, ModelConfig, PeftConfig
+    from danube.model.builder import build_model_chunks, transformer_config
+    from danube.model.lora import lora_modules
+
+    m = ModelConfig(num_layers=1, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
+                    num_query_groups=2)
+    peft = PeftConfig(peft_scheme="lora", lora_tuning=LoraTuningConfig(
+        adapter_dim=4, adapter_dropout=0.5, dropout_position=position))
+    module = lora_modules(build_model_chunks(m, transformer_config(m, "32", False), 100,
+                                             False, peft))[0]
+    with torch.no_grad():
+        module.lora_b.normal_(0, 1.0)
+    module.train()
+    x = torch.randn(3, 2, 32)
+    torch.manual_seed(7)
+    out, _ = module(x)
+    base, _ = module.base(x)
+    torch.manual_seed(7)
+    mask = torch.nn.functional.dropout(torch.ones(3, 2, x.shape[-1] if position == "pre"
+                                                  else base.shape[-1]), 0.5, True)
+    if position == "pre":
+        want = base + module.scale * ((x * mask) @ module.lora_a.T) @ module.lora_b.T
+    else:
+        want = base + mask * (module.scale * (x @ module.lora_a.T) @ module.lora_b.T)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)

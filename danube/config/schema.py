@@ -440,8 +440,10 @@ class LoraTuningConfig:
     default: scale 1 at any rank); a number keeps the scale alpha / r (PEFT's lora_alpha), so
     changing only the rank changes it."""
     adapter_dropout: float = 0.0
-    """Dropout on the adapter's input, before A (PEFT's position; NeMo's default `post`
-    applies it to the adapter's output: not offered)."""
+    """Dropout probability of the adapter path (where: dropout_position)."""
+    dropout_position: str = "pre"
+    """NeMo's key: pre = on the adapter's input, before A (PEFT's place; our default) | post
+    = on the adapter's output, after B (NeMo's default)."""
     target_modules: List[str] = field(default_factory=lambda: ["attention_qkv"])
     """attention_qkv | attention_dense | mlp_fc1 | mlp_fc2 (NeMo's names; megatron's linear_qkv
     | linear_proj | linear_fc1 | linear_fc2 too)."""

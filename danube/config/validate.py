@@ -435,6 +435,7 @@ def _check_peft(m, problems: List[str]) -> None:
         problems.append(f"{key}.adapter_dim={lora.adapter_dim} must be >= 1")
     if not 0 <= lora.adapter_dropout < 1:
         problems.append(f"{key}.adapter_dropout={lora.adapter_dropout} must be in [0, 1)")
+    _check_choice(problems, f"{key}.dropout_position", lora.dropout_position, ("pre", "post"))
     unknown = [t for t in lora.target_modules if t not in LORA_TARGETS]
     if unknown or not lora.target_modules:
         problems.append(f"{key}.target_modules={list(lora.target_modules)}: use some of "

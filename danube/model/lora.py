@@ -63,7 +63,8 @@ class LoRALinear(torch.nn.Module):
     """A megatron column- or row-parallel linear plus a low-rank adapter."""
 
     def __init__(self, base: torch.nn.Module, rank: int, alpha: float, dropout: float,
-                 a_init: str, b_init: str, seed: int, swiglu: bool = False):
+                 a_init: str, b_init: str, seed: int, swiglu: bool = False,
+                 dropout_position: str = "pre"):
         super().__init__()
         self.base = base
         self.swiglu = swiglu  # linear_fc1 of a gated MLP: rows are [gate; up] per TP shard
@@ -97,16 +98,19 @@ class LoRALinear(torch.nn.Module):
                                              1 if self.row else 0, 1)
         self.scale = alpha / rank
         self.dropout = torch.nn.Dropout(dropout)
+        self.post_dropout = dropout_position == "post"  # NeMo's: on the adapter's output
         self.enabled = True  # false: the base linear alone (DPO's reference policy)
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
         out, bias = self.base(x, *args, **kwargs)  # [s, b, out or out/TP]
         if not self.enabled:
             return out, bias
-        h = torch.nn.functional.linear(self.dropout(x), self.lora_a)  # [s, b, r] (partial: row)
+        x_in = x if self.post_dropout else self.dropout(x)
+        h = torch.nn.functional.linear(x_in, self.lora_a)  # [s, b, r] (partial: row)
         h = reduce_from_tensor_model_parallel_region(h) if self.row \
             else copy_to_tensor_model_parallel_region(h)
-        return out + self.scale * torch.nn.functional.linear(h, self.lora_b), bias
+        delta = self.scale * torch.nn.functional.linear(h, self.lora_b)  # [s, b, out(/TP)]
+        return out + (self.dropout(delta) if self.post_dropout else delta), bias
 
     @staticmethod
     def _base_keys(state_dict, prefix, *args) -> None:
@@ -180,6 +184,7 @@ def add_lora(chunks: List[torch.nn.Module], lora, seed: int) -> List[torch.nn.Mo
                 setattr(parent, attr, LoRALinear(
                     getattr(parent, attr), lora.adapter_dim, lora_alpha(lora),
                     lora.adapter_dropout,
-                    lora.column_init_method, lora.row_init_method, layer_seed, swiglu))
+                    lora.column_init_method, lora.row_init_method, layer_seed, swiglu,
+                    lora.dropout_position))
     return chunks
 
