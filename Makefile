@@ -10,6 +10,11 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.danube-installed
 TEST_STAMP := $(VENV)/.danube-test-installed
 
+# setuptools' editable build warns on every install that a folder named like the package may
+# shadow it ("Editable installation", a BuildBackendWarning, i.e. a UserWarning of the build
+# backend's process): by design here (the checkout is what is installed), so not shown.
+QUIET_BUILD := PYTHONWARNINGS=ignore::UserWarning
+
 .PHONY: setup setup-test demo test bench bench-data clean
 
 setup: $(STAMP)
@@ -23,11 +28,11 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e .
+	$(QUIET_BUILD) $(BIN)/python -m pip install -q -e .
 	touch $(STAMP)
 
 $(TEST_STAMP): $(STAMP)
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(QUIET_BUILD) $(BIN)/python -m pip install -q -e ".[test]"
 	tests/helpers/install_slurm.sh
 	touch $(TEST_STAMP)
 

@@ -15,6 +15,16 @@ def fail(error: Exception) -> None:
     sys.exit(2)
 
 
+def downstream_scorer(config):
+    """The scorer the training loop calls for model.downstream_eval, or None when it names no
+    tasks (evaluation sits above training: the launcher hands it down)."""
+    if not config.model.downstream_eval.tasks:
+        return None
+    from danube.evaluation.downstream import score_live_model
+
+    return score_live_model
+
+
 def launch_fine_tuning(config, stage: str, dry_run: int) -> None:
     """`stage` names the module danube.training.<stage>, which has run_<stage>(cfg, precision)
     and dry_run(cfg, n)."""
@@ -38,6 +48,7 @@ def launch_fine_tuning(config, stage: str, dry_run: int) -> None:
         if dry_run:
             print(module.dry_run(config, dry_run))
             return
-        getattr(module, f"run_{stage}")(*with_machine_precision(config))
+        getattr(module, f"run_{stage}")(*with_machine_precision(config),
+                                        downstream=downstream_scorer(config))
     except errors as error:  # bad records (before anything is built or written), a reference
         fail(error)          # that is not the starting model (at step 1, before any save)

@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     if args.mt_bench and not args.output:
         parser.error("--mt-bench needs --output (FastChat's model_answer JSONL)")
 
-    from danube.inference.chat import mt_bench_answers
+    from danube.evaluation.mt_bench import mt_bench_answers
     from danube.inference.generate import generate
     from danube.inference.model import InferenceError, open_checkpoint
 

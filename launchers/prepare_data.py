@@ -12,7 +12,8 @@ import gc
 import sys
 
 from danube.config import ConfigError
-from danube.config.compose import DATA_CONFIG_DIR, hydra_runner, to_prepare_config
+from danube.config.compose import DATA_CONFIG_DIR, hydra_runner
+from danube.prepare.config import to_prepare_config
 from danube.prepare.sources import DataError
 
 

@@ -30,9 +30,10 @@ def main(cfg) -> None:
             print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     quiet_engine_notices()
+    from danube.launch import downstream_scorer
     from danube.training.pretrain import run_pretraining
 
-    run_pretraining(config)  # build + run
+    run_pretraining(config, downstream_scorer(config))  # build + run
 
 
 if __name__ == "__main__":

@@ -36,15 +36,22 @@ _HYDRA_DEFAULT_OVERRIDES = [
 ]
 
 
-def register_schemas() -> None:
-    """Register the typed schemas that every YAML in configs/ (pretraining) and configs/data/
-    (data preparation) lists first in `defaults`."""
-    from danube.prepare.config import PrepareConfig
+# Schemas a YAML's `defaults` can name first: the training stages' here; a stage above config/
+# adds its own with `add_schema` (data preparation: danube.prepare.config, on import).
+_SCHEMAS = {SCHEMA_NAME: PretrainConfig, SFT_SCHEMA_NAME: SFTConfig, DPO_SCHEMA_NAME: DPOConfig}
 
-    ConfigStore.instance().store(name=SCHEMA_NAME, node=PretrainConfig)
-    ConfigStore.instance().store(name=PREPARE_SCHEMA_NAME, node=PrepareConfig)
-    ConfigStore.instance().store(name=SFT_SCHEMA_NAME, node=SFTConfig)
-    ConfigStore.instance().store(name=DPO_SCHEMA_NAME, node=DPOConfig)
+
+def add_schema(name: str, node: type) -> None:
+    """Make `node` composable under `name` (registered with the others before each compose)."""
+    _SCHEMAS[name] = node
+
+
+def register_schemas() -> None:
+    """Register the typed schemas that every YAML in configs/ (pretraining, SFT, DPO) and
+    configs/data/ (data preparation, once danube.prepare.config is imported) lists first in
+    `defaults`."""
+    for name, node in _SCHEMAS.items():
+        ConfigStore.instance().store(name=name, node=node)
 
 
 def hydra_runner(config_name: str, config_path: Optional[str] = None) -> Callable:
@@ -124,19 +131,6 @@ def load_model_config(path: os.PathLike) -> ModelConfig:
              if k in ModelConfig.__dataclass_fields__ and k != "data"}
     merged = OmegaConf.merge(OmegaConf.structured(PretrainConfig), {"model": known})
     return OmegaConf.to_object(merged).model
-
-
-def to_prepare_config(cfg: DictConfig):
-    """Resolve interpolations and return the typed data-preparation dataclass."""
-    from danube.prepare.config import PrepareConfig
-
-    return _typed(cfg, PrepareConfig, PREPARE_SCHEMA_NAME)
-
-
-def compose_prepare_config(config_name: str, overrides: Optional[List[str]] = None,
-                           config_dir: Optional[str] = None):
-    """Compose a configs/data/ config like launchers/prepare_data.py does."""
-    return to_prepare_config(_compose(config_dir or DATA_CONFIG_DIR, config_name, overrides))
 
 
 def compose_pretrain_config(

@@ -452,7 +452,7 @@ def _check_downstream(cfg, problems: List[str]) -> None:
     d, key = cfg.model.downstream_eval, "model.downstream_eval"
     if not d.tasks:
         return
-    from danube.evaluation.run import offline_task_names
+    from danube.task_names import offline_task_names
 
     unknown = sorted(set(d.tasks) - offline_task_names())
     if unknown:

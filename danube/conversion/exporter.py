@@ -27,6 +27,7 @@ from danube.conversion.layout import (
     split_qkv,
 )
 from danube.data.tokenizer import load_tokenizer
+from danube.model.lora import lora_scale_of_config as lora_scale
 from danube.model.lora_merge import merge_lora
 from danube.paths import CONFIG_FILE, TOKENIZER_DIR, checkpoint_problem
 
@@ -76,17 +77,6 @@ def export_hf(ckpt: Path, hf_dir: Path, max_shard_bytes: int = 5 * 2**30,
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
         write_hf_tokenizer(tokenizer_dir, tmp, tokenizer, model.max_position_embeddings)
     return hf_dir
-
-
-def lora_scale(config_path: Path) -> float:
-    """alpha / adapter_dim of a LoRA run's saved config (1.0 when it has none)."""
-    from omegaconf import OmegaConf
-
-    lora = OmegaConf.select(OmegaConf.load(config_path), "model.peft.lora_tuning")
-    if lora is None:
-        return 1.0
-    alpha = lora.adapter_dim if lora.get("alpha") is None else lora.alpha  # null: NeMo's
-    return float(alpha) / lora.adapter_dim
 
 
 # megatron's adapted linear -> the HF modules it feeds (PEFT target names) and how B's rows

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional
 
 from danube.paths import CONFIG_FILE
 
-EVAL_TASKS_DIR = Path(__file__).resolve().parents[2] / "eval" / "tasks"
+from danube.task_names import EVAL_TASKS_DIR, offline_task_names  # noqa: F401 (re-exported)
 SUITES = {
     "danube_base": "the H2O-Danube report's base-model suite: ARC-e, ARC-c, BoolQ, HellaSwag, "
                    "OpenBookQA, PIQA, WinoGrande (0-shot)",
@@ -38,17 +38,6 @@ class EvalSettings:
     precision: str = "auto"
     log_samples: bool = False
     seed: int = 1234
-
-
-def offline_task_names() -> set:
-    """Task and group names defined under eval/tasks/ (read from the YAML text: cheap enough
-    for config validation)."""
-    import re
-
-    names = set()
-    for path in EVAL_TASKS_DIR.rglob("*.yaml"):
-        names.update(re.findall(r"^(?:task|group):[ \t]*['\"]?([\w.-]+)", path.read_text(), re.M))
-    return names
 
 
 def is_hf_directory(path: Path) -> bool:

@@ -8,11 +8,7 @@ end-of-turn token (EOS), or at a template marker if the model writes one as text
 
 from __future__ import annotations
 
-import json
-import time
-import uuid
 from dataclasses import replace
-from pathlib import Path
 from typing import Callable, List, Optional
 
 from danube.data.chat import ChatTemplate
@@ -53,24 +49,3 @@ class ChatSession:
         answer = generate(self.im, [self.prompt_ids()], self.sampling, on_text=on_text)[0].text
         self.messages.append({"role": "assistant", "content": answer})
         return answer
-
-
-def mt_bench_answers(im: InferenceModel, sampling: Sampling, output: Path, model_id: str,
-                     limit: Optional[int] = None) -> int:
-    """Answer MT-Bench's 80 two-turn questions; write FastChat's `model_answer` JSONL
-    (llm_judge/data/mt_bench/model_answer/<model_id>.jsonl) for a judge to score elsewhere."""
-    from danube.evaluation.data import mt_bench_questions
-
-    questions = mt_bench_questions()[:limit] if limit else mt_bench_questions()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".tmp")
-    with open(tmp, "w") as f:
-        for question in questions:
-            session = ChatSession(im, sampling)
-            turns = [session.reply(turn) for turn in question["turns"]]
-            f.write(json.dumps({
-                "question_id": question["question_id"], "answer_id": uuid.uuid4().hex,
-                "model_id": model_id, "choices": [{"index": 0, "turns": turns}],
-                "tstamp": time.time()}) + "\n")
-    tmp.replace(output)
-    return len(questions)

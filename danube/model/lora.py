@@ -54,6 +54,17 @@ def _init(kind: str, tensor: torch.Tensor, generator: torch.Generator) -> None:
         tensor.normal_(0.0, 0.02, generator=generator)
 
 
+def lora_scale_of_config(config_path) -> float:
+    """alpha / adapter_dim of a LoRA run's saved config.yaml (1.0 when it has none)."""
+    from omegaconf import OmegaConf
+
+    lora = OmegaConf.select(OmegaConf.load(config_path), "model.peft.lora_tuning")
+    if lora is None:
+        return 1.0
+    alpha = lora.adapter_dim if lora.get("alpha") is None else lora.alpha  # null: NeMo's
+    return float(alpha) / lora.adapter_dim
+
+
 def lora_alpha(lora) -> float:
     """alpha, or NeMo's default for null: adapter_dim (scale 1)."""
     return float(lora.adapter_dim if lora.alpha is None else lora.alpha)

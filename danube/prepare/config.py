@@ -246,3 +246,29 @@ def validate_prepare(cfg: PrepareConfig) -> List[str]:
     if min(mh.n_grams, mh.num_buckets, mh.hashes_per_bucket) < 1:
         problems.append("dedup.minhash: n_grams, num_buckets, hashes_per_bucket must be >= 1")
     return problems
+
+
+# --- composing configs/data/ (Hydra): registered here, above config/ ---------------------------
+
+def _register() -> None:
+    from danube.config.compose import PREPARE_SCHEMA_NAME, add_schema
+
+    add_schema(PREPARE_SCHEMA_NAME, PrepareConfig)
+
+
+_register()
+
+
+def to_prepare_config(cfg) -> PrepareConfig:
+    """Resolve interpolations and return the typed data-preparation dataclass."""
+    from danube.config.compose import PREPARE_SCHEMA_NAME, _typed
+
+    return _typed(cfg, PrepareConfig, PREPARE_SCHEMA_NAME)
+
+
+def compose_prepare_config(config_name: str, overrides: Optional[List[str]] = None,
+                           config_dir: Optional[str] = None) -> PrepareConfig:
+    """Compose a configs/data/ config like launchers/prepare_data.py does."""
+    from danube.config.compose import DATA_CONFIG_DIR, _compose
+
+    return to_prepare_config(_compose(config_dir or DATA_CONFIG_DIR, config_name, overrides))

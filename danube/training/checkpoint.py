@@ -319,7 +319,7 @@ def checkpoint_has_adapters(path: Path) -> bool:
 
 def lora_scale(path: Path) -> float:
     """alpha / adapter_dim of the LoRA run that wrote checkpoint `path`."""
-    from danube.conversion.exporter import lora_scale as scale_of_config
+    from danube.model.lora import lora_scale_of_config as scale_of_config
     from danube.paths import CONFIG_FILE
 
     return scale_of_config(path / CONFIG_FILE)

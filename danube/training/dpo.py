@@ -441,7 +441,7 @@ def dpo_recipe(cfg: DPOConfig, datasets: Dict[str, Optional[DPODataset]], batchi
                   data_plan=plan)
 
 
-def run_dpo(cfg: DPOConfig, precision: PrecisionChoice) -> None:
+def run_dpo(cfg: DPOConfig, precision: PrecisionChoice, downstream=None) -> None:
     """The whole job (collective): data first (bad records stop it before anything is built or
     written), the starting checkpoint (= the reference), its log-probs when precomputed, then
     the shared loop (which resumes this experiment's newest checkpoint if there is one)."""
@@ -479,7 +479,7 @@ def run_dpo(cfg: DPOConfig, precision: PrecisionChoice) -> None:
                     f"{m.dpo.preference_loss} (beta {m.dpo.ref_policy_kl_penalty}), reference "
                     f"{'adapters disabled' if lora else 'starting weights'}, "
                     f"{m.dpo.ref_log_probs}")
-        run(trainer, recipe, precision, None, describe)
+        run(trainer, recipe, precision, None, describe, downstream)
     finally:
         shutdown()
 

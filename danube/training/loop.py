@@ -30,7 +30,6 @@ from danube.config.derived import (
 from danube.model.builder import build_model_chunks, transformer_config, uses_transformer_engine
 from danube.paths import (
     CONFIG_FILE,
-    CheckpointMeta,
     checkpoint_dir_name,
     checkpoint_root,
     exp_dir,
@@ -148,6 +147,9 @@ class Trainer:
     stops: Optional[StopRequests] = None
     costs: ExitCosts = field(default_factory=ExitCosts)
     """Measured durations of what runs before an exit (trainer.max_time's margin)."""
+    downstream: Optional[Callable] = None
+    """model.downstream_eval's scorer, (model, tokenizer, model config, device, precision) ->
+    scores; handed in by the launcher (danube.launch.downstream_scorer)."""
 
 
 def is_rank0() -> bool:
@@ -287,12 +289,11 @@ def _downstream_due(trainer: Trainer, last: bool) -> bool:
 
 
 def _downstream(trainer: Trainer) -> None:
-    """model.downstream_eval: benchmarks on the live model, logged beside the losses."""
-    from danube.evaluation.downstream import score_live_model
-
+    """model.downstream_eval: benchmarks on the live model (the scorer the launcher handed
+    in: evaluation sits above training), logged beside the losses."""
     start = time.perf_counter()
     precision = normalized_precision(trainer.cfg.trainer.precision)
-    scores = score_live_model(trainer.model, trainer.tokenizer, trainer.cfg.model,
+    scores = trainer.downstream(trainer.model, trainer.tokenizer, trainer.cfg.model,
                               trainer.device, precision)
     trainer.log.log_downstream(trainer.step, scores)
     trainer.costs.note("downstream", time.perf_counter() - start)
@@ -474,10 +475,15 @@ def _exit_stopped(message: str) -> None:
 
 
 def run(trainer: Trainer, recipe: Recipe, precision: PrecisionChoice,
-        initial_weights: Optional[Path], describe: str) -> None:
-    """Restore, announce, train, test: the part every stage shares (collective)."""
+        initial_weights: Optional[Path], describe: str,
+        downstream: Optional[Callable] = None) -> None:
+    """Restore, announce, train, test: the part every stage shares (collective).
+    `downstream`: model.downstream_eval's scorer (needed when it names tasks)."""
     cfg, m = trainer.cfg, trainer.cfg.model
-    trainer.recipe = recipe
+    if m.downstream_eval.tasks and downstream is None:
+        raise ValueError("model.downstream_eval.tasks is set but no scorer was handed to the "
+                         "loop: launch through launchers/ (danube.launch.downstream_scorer)")
+    trainer.recipe, trainer.downstream = recipe, downstream
     trainer.config_yaml = config_yaml(cfg, precision)
     if precision.warning:
         trainer.log.info(f"warning: {precision.warning}")

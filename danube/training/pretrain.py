@@ -180,8 +180,9 @@ def pretraining_recipe(cfg: PretrainConfig, tokenizer, corpus_dir) -> Recipe:
     return Recipe("pretraining", train_steps, eval_steps, data_plan=plan, plan_hint=hint)
 
 
-def run_pretraining(cfg: PretrainConfig) -> None:
-    """The whole job: set up, restore, train, test. Collective across the launch."""
+def run_pretraining(cfg: PretrainConfig, downstream=None) -> None:
+    """The whole job: set up, restore, train, test. Collective across the launch.
+    `downstream`: model.downstream_eval's scorer (danube.launch.downstream_scorer)."""
     cfg, precision = with_machine_precision(cfg)
     init_distributed(cfg.model, cfg.trainer.accelerator)
     try:
@@ -198,6 +199,6 @@ def run_pretraining(cfg: PretrainConfig) -> None:
             micro = num_microbatches(m, world_size(cfg))
             describe = (f"{micro} micro-batch(es) of {m.micro_batch_size} x "
                         f"{m.encoder_seq_length} tokens")
-        run(trainer, recipe, precision, restore, describe)
+        run(trainer, recipe, precision, restore, describe, downstream)
     finally:
         shutdown()

@@ -16,7 +16,6 @@ import signal
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Optional
 
 import torch
 from megatron.core import parallel_state

@@ -108,7 +108,7 @@ def sft_recipe(cfg: SFTConfig, tokenizer: Tokenizer, train: SFTDataset,
     return Recipe("sft", train_steps, eval_steps, per_token_loss=True, data_plan=plan)
 
 
-def run_sft(cfg: SFTConfig, precision: PrecisionChoice) -> None:
+def run_sft(cfg: SFTConfig, precision: PrecisionChoice, downstream=None) -> None:
     """The whole job (collective): data first (bad records stop it before anything is built or
     written), then the shared loop from the starting checkpoint."""
     from danube.training.distributed import init_distributed, shutdown
@@ -126,7 +126,8 @@ def run_sft(cfg: SFTConfig, precision: PrecisionChoice) -> None:
                     f"{train.stats['dropped_no_answer_left']} dropped), "
                     f"{ds.global_batch_size} per step, {'packed' if ds.packed_sequence else 'one'}"
                     f" per row of {ds.max_seq_length}")
-        run(trainer, recipe, precision, Path(cfg.model.restore_from_path), describe)
+        run(trainer, recipe, precision, Path(cfg.model.restore_from_path), describe,
+            downstream)
     finally:
         shutdown()
 
