@@ -363,12 +363,16 @@ class ChatPromptTokensConfig:
     then {turn_start}{User|Assistant}{end_of_name}{text}{end_of_turn} per turn."""
 
     system_turn_start: str = "<extra_id_0>"
+    """Opens the system turn."""
     turn_start: str = "<extra_id_1>"
+    """Opens each user or assistant turn."""
     label_start: str = "<extra_id_2>"
     """NeMo's SteerLM attribute-label marker: records with labels are refused (ChatDataError
     naming the record), so it is never rendered; kept so NeMo configs compose."""
     end_of_turn: str = "\n"
+    """Closes each turn (trained after an answer)."""
     end_of_name: str = "\n"
+    """Follows the speaker's name (System, User, Assistant)."""
 
 
 @dataclass
