@@ -1,8 +1,9 @@
 # Two entry points do all the set-up on a fresh machine (README "Quick start"):
-#   make demo   the miniature Danube recipe on the embedded data: pretrain danube_tiny, SFT
-#               it, DPO the SFT model (each stage resumes, or does nothing when done), a
-#               summary, the DPO model on the H2O-Danube base suite (200 documents per
-#               task, offline), one chat exchange with it, and the plots (results/plots)
+#   make demo   the miniature Danube recipe on the embedded data (launchers/demo.py, each
+#               stage announced as [i/6]): pretrain danube_tiny, SFT it, DPO the SFT model
+#               (each stage resumes, or does nothing when done), the DPO model on the
+#               H2O-Danube base suite (200 documents per task, offline), one chat exchange
+#               with it, the plots (results/plots), then the summary and what to try next
 #   make test   the test suite (what .ci/run calls)
 PYTHON ?= python3
 VENV ?= .venv
@@ -37,16 +38,7 @@ $(TEST_STAMP): $(STAMP)
 	touch $(TEST_STAMP)
 
 demo: setup
-	$(BIN)/python launchers/pretrain.py
-	$(BIN)/python launchers/sft.py
-	$(BIN)/python launchers/dpo.py
-	$(BIN)/python launchers/summary.py results/danube_tiny results/danube_tiny_sft \
-	    results/danube_tiny_dpo
-	$(BIN)/python eval/evaluate.py results/danube_tiny_dpo --tasks danube_base --limit 200
-	printf 'What does `os.getcwd` do?\n/exit\n' | $(BIN)/python launchers/chat.py \
-	    results/danube_tiny_dpo --max-new-tokens 48
-	$(BIN)/python eval/plot.py results/danube_tiny results/danube_tiny_sft \
-	    results/danube_tiny_dpo --out results/plots
+	$(BIN)/python launchers/demo.py
 
 test: setup-test
 	$(BIN)/python -m pytest -q

@@ -21,3 +21,21 @@ def test_configs_md_is_current_and_every_key_is_documented():
     undocumented = [line.split("|")[1].strip() for line in text.splitlines()
                     if line.startswith("| `") and line.rstrip().endswith("|  |")]
     assert undocumented == [], undocumented
+
+
+def test_the_demo_announces_six_stages_that_exist():
+    """`make demo` runs launchers/demo.py, whose plan names each stage with its purpose and
+    work, and every command it runs is a script of this repository."""
+    import re
+
+    assert "$(BIN)/python launchers/demo.py" in (ROOT / "Makefile").read_text()
+    run = subprocess.run([sys.executable, "launchers/demo.py", "--plan"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    headers = re.findall(r"^\[(\d)/6\] (\w+): ", run.stdout, re.M)
+    assert [t for _, t in headers] == ["Pretraining", "SFT", "DPO", "Evaluation", "Chat",
+                                       "Plots"]
+    for line in run.stdout.splitlines():
+        if line.strip().startswith("$ "):
+            script = line.split()[2]
+            assert (ROOT / script).is_file(), script

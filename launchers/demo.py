@@ -1,0 +1,88 @@
+"""The miniature Danube recipe, stage by stage (what `make demo` runs):
+
+    python launchers/demo.py            # run every stage (each resumes, or does nothing if done)
+    python launchers/demo.py --plan     # the stages and their commands; runs nothing
+
+Each stage is announced with what it is for and how much work it is, runs as the user would
+run it (its own launcher, its own ETA line), and the end prints the summary table, where the
+outputs are and what to try next.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+RUNS = ["results/danube_tiny", "results/danube_tiny_sft", "results/danube_tiny_dpo"]
+
+# (title, what it shows, the work, command)
+STAGES = [
+    ("Pretraining", "danube_tiny learns the embedded prose and code: the loss falls",
+     "300 steps of 16 x 256 tokens (1.2M tokens; ETA on its own line)",
+     [PY, "launchers/pretrain.py"]),
+    ("SFT", "chat fine-tuning on the embedded instructions: the validation loss falls",
+     "one epoch of the embedded chat set", [PY, "launchers/sft.py"]),
+    ("DPO", "preference tuning from the SFT model: reward accuracy rises",
+     "24 steps of 16 preference pairs", [PY, "launchers/dpo.py"]),
+    ("Evaluation", "the DPO model on the H2O-Danube base suite (offline data): a table",
+     "200 documents per task",
+     [PY, "eval/evaluate.py", "results/danube_tiny_dpo", "--tasks", "danube_base",
+      "--limit", "200"]),
+    ("Chat", "one question to the DPO model, answered on its topic",
+     "one answer of at most 48 tokens",
+     [PY, "launchers/chat.py", "results/danube_tiny_dpo", "--max-new-tokens", "48"]),
+    ("Plots", "the three runs' curves as PNG files", "seconds",
+     [PY, "eval/plot.py", *RUNS, "--out", "results/plots"]),
+]
+CHAT_INPUT = "What does `os.getcwd` do?\n/exit\n"
+
+NEXT = """Try next:
+  python launchers/chat.py results/danube_tiny_dpo                    # talk to the model
+  python eval/evaluate.py results/danube_tiny_dpo --tasks danube_base --limit 1000
+                                                                      # more documents
+  python conversion/hf_to_mcore.py <your HF model dir> converted/mine # fine-tune your own:
+  python launchers/sft.py model.restore_from_path=converted/mine/checkpoint \\
+      model.data.train_ds.file_path=<your.jsonl>                       # (README: bring your
+                                                                      #  own model)"""
+
+
+def banner(index: int, title: str, purpose: str, work: str) -> str:
+    return f"\n[{index}/{len(STAGES)}] {title}: {purpose}\n      ({work})"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--plan", action="store_true", help="print the stages; run nothing")
+    args = parser.parse_args()
+    if args.plan:
+        for index, (title, purpose, work, command) in enumerate(STAGES, 1):
+            print(banner(index, title, purpose, work))
+            print("      $ " + " ".join(Path(c).name if c == PY else c for c in command))
+        return 0
+    started = time.monotonic()
+    for index, (title, purpose, work, command) in enumerate(STAGES, 1):
+        print(banner(index, title, purpose, work), flush=True)
+        stage_start = time.monotonic()
+        run = subprocess.run(command, cwd=ROOT, input=CHAT_INPUT if title == "Chat" else None,
+                             text=True)
+        if run.returncode != 0:
+            print(f"\n[{index}/{len(STAGES)}] {title} failed (exit {run.returncode}): see its "
+                  "output above; running `make demo` again resumes where it stopped",
+                  file=sys.stderr)
+            return run.returncode
+        print(f"      done in {time.monotonic() - stage_start:.0f} s", flush=True)
+    print(f"\nThe recipe, every stage ({(time.monotonic() - started) / 60:.1f} min):")
+    subprocess.run([PY, "launchers/summary.py", *RUNS], cwd=ROOT, check=True)
+    print("\nOutputs: " + ", ".join(f"{r}/ (checkpoints, metrics.jsonl, config.yaml)"
+                                    for r in RUNS) + ", results/plots/ (PNG curves)")
+    print("\n" + NEXT)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
