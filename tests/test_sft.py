@@ -505,3 +505,18 @@ def test_truncation_field_shortens_the_prompt_and_keeps_the_answer(tokenizer_dir
     # a token-level cut: the start of the field (right) or its end (left)
     assert words.startswith(kept) if method == "right" else words.endswith(kept)
     assert tokenizer.detokenize(sample.ids[sample.trained]).strip() == "Return a string.</s>"
+
+
+def test_prompt_response_trains_the_first_answer_token(tokenizer_dir, tmp_path):
+    """With NeMo's default "{input} {output}" the first answer token carries the space
+    ('ĠReturn' starts in the prompt); it is what the model must produce after the prompt and
+    is trained (it was counted as prompt)."""
+    tokenizer = load_tokenizer(tokenizer_dir)
+    path = _write(tmp_path / "pr.jsonl", [{"input": "What does `os.getcwd` do?",
+                                           "output": "Return a string."}])
+    data = SFTDataConfig(chat=False, train_ds=SFTDatasetConfig(
+        file_path=str(path), max_seq_length=64))
+    sample = build_sft_dataset(data.train_ds, data, tokenizer, True).samples[0]
+    first = int(sample.trained.nonzero()[0][0])
+    assert tokenizer.hf.id_to_token(int(sample.ids[first])).endswith("Return")
+    assert tokenizer.detokenize(sample.ids[sample.trained]).strip() == "Return a string.</s>"
