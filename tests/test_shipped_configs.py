@@ -58,7 +58,7 @@ SHRUNK = {
 }
 
 
-def _steps_then_stop(overrides, launcher, name, tmp_path, at_step: int) -> None:
+def _steps_then_stop(overrides, launcher, at_step: int) -> None:
     launch = Launch(overrides, launcher)
     try:
         launch.wait_for(f"step {at_step}/", timeout=240)
@@ -72,11 +72,11 @@ def _steps_then_stop(overrides, launcher, name, tmp_path, at_step: int) -> None:
         launch.wait(0)
 
 
-def _stop_resume_equals_straight(tmp_path, launcher, overrides, name, at_step: int):
+def _stop_resume_equals_straight(tmp_path, launcher, overrides, at_step: int):
     straight = [*overrides, f"exp_manager.exp_dir={tmp_path}", "exp_manager.name=straight"]
     run_pretrain(straight, launcher=launcher, timeout=600)
     stopped = [*overrides, f"exp_manager.exp_dir={tmp_path}", "exp_manager.name=stopped"]
-    _steps_then_stop(stopped, launcher, name, tmp_path, at_step)
+    _steps_then_stop(stopped, launcher, at_step)
     resumed = run_pretrain(stopped, launcher=launcher, timeout=600)
     assert "resumed from" in resumed.stdout
     want = train_losses(tmp_path / "straight")
@@ -90,7 +90,7 @@ def test_a_shipped_pretraining_config_stops_and_resumes_exactly(tmp_path, name):
     optimizer and ramp, shrunk: stopped by SIGTERM mid-run (exit 75 within the bound), the
     same command resumes and the run's losses equal an uninterrupted run's."""
     overrides = ["--config-name", name, *SMALL_BODY, *PRETRAIN_DATA, *SHRUNK[name]]
-    losses = _stop_resume_equals_straight(tmp_path, LAUNCHER, overrides, name, at_step=6)
+    losses = _stop_resume_equals_straight(tmp_path, LAUNCHER, overrides, at_step=6)
     assert len(losses) == 20 and list(losses) == list(range(1, 21))
 
 
@@ -102,29 +102,27 @@ FINETUNE = [
 ]
 
 
-def test_the_shipped_sft_config_stops_and_resumes_exactly(tmp_path, init_checkpoint):
-    """danube_1.8b_chat_sft (packed, distributed optimizer, bf16-mixed), from a small
-    checkpoint on the embedded chat data."""
-    overrides = ["--config-name", "danube_1.8b_chat_sft", *SMALL_BODY, *FINETUNE,
-                 f"model.restore_from_path={init_checkpoint}",
-                 "model.data.train_ds.file_path=embedded:chat",
-                 "model.data.validation_ds.file_path=embedded:chat_validation"]
-    overrides = [o for o in overrides if not o.startswith(("model.num_", "model.hidden",
-                                                           "model.ffn"))]
-    losses = _stop_resume_equals_straight(tmp_path, SFT_LAUNCHER, overrides,
-                                          "danube_1.8b_chat_sft", at_step=5)
-    assert list(losses) == list(range(1, 13))
+# The fine-tuning configs' own data paths (/data/...) replaced by the embedded sets; their
+# architecture comes from the starting checkpoint (the small one), so no size overrides.
+FINETUNE_DATA = {
+    "danube_1.8b_chat_sft": (SFT_LAUNCHER, [
+        "model.data.train_ds.file_path=embedded:chat",
+        "model.data.validation_ds.file_path=embedded:chat_validation"]),
+    "danube_1.8b_chat_dpo": (DPO_LAUNCHER, [
+        "model.data.data_prefix.train=embedded:preference",
+        "model.data.data_prefix.validation=embedded:preference_validation"]),
+}
 
 
-def test_the_shipped_dpo_config_stops_and_resumes_exactly(tmp_path, init_checkpoint):
-    """danube_1.8b_chat_dpo (LoRA r=4 with its dropout, precomputed reference log-probs,
-    distributed optimizer, bf16-mixed), from a small checkpoint on the embedded pairs."""
-    overrides = ["--config-name", "danube_1.8b_chat_dpo", *SMALL_BODY, *FINETUNE,
-                 f"model.restore_from_path={init_checkpoint}",
-                 "model.data.data_prefix.train=embedded:preference",
-                 "model.data.data_prefix.validation=embedded:preference_validation"]
+@pytest.mark.parametrize("name", sorted(FINETUNE_DATA))
+def test_a_shipped_finetuning_config_stops_and_resumes_exactly(tmp_path, init_checkpoint, name):
+    """danube_1.8b_chat_sft (packed, distributed optimizer, bf16-mixed) and
+    danube_1.8b_chat_dpo (LoRA r=4 with its dropout, precomputed reference log-probs,
+    distributed optimizer, bf16-mixed), from a small checkpoint on the embedded data."""
+    launcher, data = FINETUNE_DATA[name]
+    overrides = ["--config-name", name, *SMALL_BODY, *FINETUNE,
+                 f"model.restore_from_path={init_checkpoint}", *data]
     overrides = [o for o in overrides if not o.startswith(("model.num_", "model.hidden",
                                                            "model.ffn"))]
-    losses = _stop_resume_equals_straight(tmp_path, DPO_LAUNCHER, overrides,
-                                          "danube_1.8b_chat_dpo", at_step=5)
+    losses = _stop_resume_equals_straight(tmp_path, launcher, overrides, at_step=5)
     assert list(losses) == list(range(1, 13))

@@ -35,6 +35,14 @@ def _args(tmp_path, name: str, workers: int, *extra: str) -> list:
     return [a for a in base if a.split("=")[0] not in replaced] + list(extra)
 
 
+def _async_saves(steps: int, every: int, keep: int) -> list:
+    """A run of `steps` steps checkpointing every `every` in the background, `keep` kept."""
+    params = "exp_manager.checkpoint_callback_params"
+    return [f"trainer.max_steps={steps}", f"model.optim.sched.max_steps={steps}",
+            f"{params}.every_n_train_steps={every}", f"{params}.save_top_k={keep}",
+            f"{params}.async_save=true"]
+
+
 def _assert_stopped(launch: Launch, tmp_path, name: str, since: float) -> None:
     code = launch.wait(STOP_BOUND_S)
     took = time.monotonic() - since
@@ -177,11 +185,7 @@ def test_a_full_disk_names_the_directory_and_the_space(tmp_path):
 
     disk = _small_tmpfs(tmp_path / "disk", 22)
     try:
-        run = run_pretrain(_args(disk, "full", 0, "trainer.max_steps=4",
-                                 "model.optim.sched.max_steps=4",
-                                 "exp_manager.checkpoint_callback_params.every_n_train_steps=2",
-                                 "exp_manager.checkpoint_callback_params.save_top_k=1",
-                                 "exp_manager.checkpoint_callback_params.async_save=true"),
+        run = run_pretrain(_args(disk, "full", 0, *_async_saves(steps=4, every=2, keep=1)),
                            check=False, timeout=120)
         assert run.returncode == 4, (run.returncode, run.stdout[-2000:], run.stderr[-3000:])
         root = disk / "full" / "checkpoints"
@@ -323,11 +327,7 @@ def test_a_divergence_names_the_checkpoint_really_committed_last(tmp_path, monke
     background: that write is finished and committed first, and the error names it (it
     named whatever the disk showed at that moment: step 1's)."""
     monkeypatch.setenv("DANUBE_INJECT_NAN_AT_STEPS", "3")
-    run = run_pretrain(_args(tmp_path, "nan", 0, "trainer.max_steps=5",
-                             "model.optim.sched.max_steps=5",
-                             "exp_manager.checkpoint_callback_params.every_n_train_steps=1",
-                             "exp_manager.checkpoint_callback_params.save_top_k=5",
-                             "exp_manager.checkpoint_callback_params.async_save=true"),
+    run = run_pretrain(_args(tmp_path, "nan", 0, *_async_saves(steps=5, every=1, keep=5)),
                        check=False, timeout=120)
     assert run.returncode == 3, run.stderr[-2000:]
     root = tmp_path / "nan" / "checkpoints"
