@@ -93,8 +93,14 @@ def test_sft_and_dpo_batch_scripts_run_their_stage_through_the_shared_script(tmp
     """sft.sbatch / dpo.sbatch hand over to pretrain.sbatch with their launcher and default
     config, the user's overrides last; a stop (exit 75) requeues the job as for pretraining."""
     env = _fake_slurm(tmp_path, srun_exit=75)
-    run = subprocess.run(["bash", f"launchers/slurm/{stage}.sbatch", "trainer.max_steps=5"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    count = ROOT / ".danube-requeues-41"  # the script's own requeue count (the fake job's)
+    count.unlink(missing_ok=True)
+    try:
+        run = subprocess.run(["bash", f"launchers/slurm/{stage}.sbatch", "trainer.max_steps=5"],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert count.read_text().strip() == "1"  # requeued once by the script
+    finally:
+        count.unlink(missing_ok=True)  # no real rerun will clear it
     assert run.returncode == 75, run.stderr
     srun = (tmp_path / "srun.log").read_text().split()
     assert srun[srun.index("python") + 1] == f"launchers/{stage}.py"
