@@ -16,8 +16,7 @@ import pytest
 
 from danube.config import ConfigError
 from danube.config.compose import DATA_CONFIG_DIR
-from danube.prepare.config import compose_prepare_config
-from danube.prepare.config import validate_prepare
+from danube.prepare.config import compose_prepare_config, validate_prepare
 from danube.prepare.pipeline import run_prepare
 from danube.prepare.sources import DataError, Reader, list_files, plan_shards
 from tests.conftest import QUIET, ROOT, SMALL_MODEL, read_metrics, run_pretrain

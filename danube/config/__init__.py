@@ -7,15 +7,15 @@ from danube.config.validate import ConfigError, raise_if_problems, validate
 def check_launch(cfg: PretrainConfig, machine=None) -> None:
     """Config checks and launch preflight together: one ConfigError listing every problem,
     raised before any model or data is built. Writes nothing."""
-    import os
     import sys
 
     from danube.config.preflight import detect_machine, launch_warnings, preflight
+    from danube.runtime import launch_info
 
     problems = validate(cfg)
     problems += preflight(cfg, machine or detect_machine())
     raise_if_problems(problems)
-    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+    if launch_info().rank == 0:
         for warning in launch_warnings(cfg):
             print(f"warning: {warning}", file=sys.stderr, flush=True)
 

@@ -8,7 +8,6 @@ Launch-time checks (files, TE/CUDA, world size) are in `danube.config.preflight`
 from __future__ import annotations
 
 import math
-
 from dataclasses import replace
 from typing import List
 

@@ -27,6 +27,7 @@ from danube.conversion.layout import (
     split_qkv,
 )
 from danube.data.tokenizer import load_tokenizer
+from danube.model.lora import lora_alpha
 from danube.model.lora import lora_scale_of_config as lora_scale
 from danube.model.lora_merge import merge_lora
 from danube.paths import CONFIG_FILE, TOKENIZER_DIR, checkpoint_problem
@@ -140,9 +141,8 @@ def export_adapter(ckpt: Path, out_dir: Path) -> Path:
     for index in range(reader.num_layers):
         tensors.update(peft_layer_adapters(reader.layer(index, keys), geometry, index))
     targets = sorted({k.split(".")[-3] for k in tensors})
-    alpha = lora.adapter_dim if lora.get("alpha") is None else lora.alpha
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": int(lora.adapter_dim),
-              "lora_alpha": float(alpha), "lora_dropout": float(lora.adapter_dropout),
+              "lora_alpha": lora_alpha(lora), "lora_dropout": float(lora.adapter_dropout),
               "target_modules": targets, "bias": "none", "fan_in_fan_out": False,
               "inference_mode": True, "use_rslora": False, "modules_to_save": None,
               "base_model_name_or_path": None}

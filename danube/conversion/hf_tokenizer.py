@@ -9,8 +9,13 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from danube.data.chat import DANUBE_CHAT_TEMPLATE, declared_token
-from danube.data.tokenizer import MODEL_TOKEN_IDS_FILE, TOKENIZER_FILES, Tokenizer
+from danube.data.chat import DANUBE_CHAT_TEMPLATE
+from danube.data.tokenizer import (
+    MODEL_TOKEN_IDS_FILE,
+    TOKENIZER_FILES,
+    Tokenizer,
+    declared_token,
+)
 
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 

@@ -29,12 +29,20 @@ trained span.
 
 from __future__ import annotations
 
+import datetime
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-from danube.data.tokenizer import Tokenizer
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+from jinja2.ext import Extension
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from danube.data.tokenizer import Tokenizer, declared_token
 
 # anchors.md: <|system|>{sys}</s> (optional) <|prompt|>{user}</s><|answer|>{assistant}</s>;
 # the generation prompt ends with <|answer|>.
@@ -85,12 +93,6 @@ class Encoded:
     truncated: bool = False
 
 
-def declared_token(config: dict, key: str) -> Optional[str]:
-    """tokenizer_config.json's `bos_token` etc.: a string, or an AddedToken dict."""
-    value = config.get(key)
-    return value.get("content") if isinstance(value, dict) else value
-
-
 def tokenizer_chat_template(directory: Optional[Path]) -> Optional[str]:
     """The chat template a HF tokenizer directory carries (transformers 5 keeps it in
     chat_template.jinja, 4.x in tokenizer_config.json), or None."""
@@ -113,11 +115,6 @@ def _environment():
     `_compile_jinja_template`): sandboxed, trimmed blocks, the `loopcontrols` extension
     (`{% break %}`), the `{% generation %}` tag, transformers' `tojson` (no HTML escaping,
     indent/separators/sort_keys), `raise_exception`, `strftime_now`."""
-    import datetime
-
-    import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     def raise_exception(message):
         raise ChatDataError(f"chat template: {message}")
 
@@ -133,37 +130,27 @@ def _environment():
     return env
 
 
-def _generation_blocks_extension():
-    import jinja2
-    import jinja2.nodes
-    from jinja2.ext import Extension
+class GenerationBlocks(Extension):
+    """`{% generation %}...{% endgeneration %}`: renders its body and, while a render collects
+    them, records the body's character span in the output (the output rendered so far is the
+    chunks `Template.generate` has yielded)."""
 
-    class GenerationBlocks(Extension):
-        """`{% generation %}...{% endgeneration %}`: renders its body and, while a render
-        collects them, records the body's character span in the output (the output rendered
-        so far is the chunks `Template.generate` has yielded)."""
+    tags = {"generation"}
 
-        tags = {"generation"}
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_block"), [], [], body) \
+            .set_lineno(lineno)
 
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
-            return jinja2.nodes.CallBlock(self.call_method("_block"), [], [], body) \
-                .set_lineno(lineno)
-
-        def _block(self, caller):
-            text = caller()
-            tracking = self.environment.generation_tracking
-            if tracking is not None:
-                chunks, spans = tracking
-                start = sum(len(c) for c in chunks)
-                spans.append((start, start + len(text)))
-            return text
-
-    return GenerationBlocks
-
-
-GenerationBlocks = _generation_blocks_extension()
+    def _block(self, caller):
+        text = caller()
+        tracking = self.environment.generation_tracking
+        if tracking is not None:
+            chunks, spans = tracking
+            start = sum(len(c) for c in chunks)
+            spans.append((start, start + len(text)))
+        return text
 
 
 def special_tokens(config: dict) -> dict:
@@ -341,7 +328,7 @@ def assistant_spans(messages: List[dict], template: ChatTemplate, where: str,
         # what the conversation so far and the whole one share: a template may close the
         # conversation with a token of its own (Phi-3's final <|endoftext|>), which belongs to
         # the last answer only
-        shared = _common_prefix(through, full)
+        shared = len(os.path.commonprefix([through, full]))
         if not (full.startswith(before) and through.startswith(before)
                 and shared > len(before)):
             raise ChatDataError(
@@ -354,14 +341,6 @@ def assistant_spans(messages: List[dict], template: ChatTemplate, where: str,
         end = len(through[:shared].rstrip())  # not the whitespace after the end of turn
         spans.append((len(before), max(end, len(before))))
     return full, spans
-
-
-def _common_prefix(a: str, b: str) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
 
 
 def encode_chat(messages: List[dict], template: ChatTemplate, tokenizer: Tokenizer,

@@ -37,6 +37,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 
 
+def declared_token(config: dict, key: str) -> Optional[str]:
+    """tokenizer_config.json's `bos_token` etc.: a string, or an AddedToken dict."""
+    value = config.get(key)
+    return value.get("content") if isinstance(value, dict) else value
+
+
 class Tokenizer:
     """A HF `tokenizers.Tokenizer` with the attributes megatron-core's datasets use."""
 
@@ -64,8 +70,7 @@ class Tokenizer:
         directory = self.path.parent
         config = directory / "tokenizer_config.json"
         if config.is_file():
-            value = json.loads(config.read_text()).get(token_key)
-            name = value.get("content") if isinstance(value, dict) else value
+            name = declared_token(json.loads(config.read_text()), token_key)
             if isinstance(name, str) and self.hf.token_to_id(name) is not None:
                 return self.hf.token_to_id(name)
         recorded = directory / MODEL_TOKEN_IDS_FILE

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from danube.paths import CONFIG_FILE
-
 from danube.task_names import EVAL_TASKS_DIR, offline_task_names  # noqa: F401 (re-exported)
+
 SUITES = {
     "danube_base": "the H2O-Danube report's base-model suite: ARC-e, ARC-c, BoolQ, HellaSwag, "
                    "OpenBookQA, PIQA, WinoGrande (0-shot)",

@@ -59,10 +59,7 @@ def lora_scale_of_config(config_path) -> float:
     from omegaconf import OmegaConf
 
     lora = OmegaConf.select(OmegaConf.load(config_path), "model.peft.lora_tuning")
-    if lora is None:
-        return 1.0
-    alpha = lora.adapter_dim if lora.get("alpha") is None else lora.alpha  # null: NeMo's
-    return float(alpha) / lora.adapter_dim
+    return 1.0 if lora is None else lora_alpha(lora) / lora.adapter_dim
 
 
 def lora_alpha(lora) -> float:

@@ -43,6 +43,7 @@ from danube.paths import (
     list_checkpoints,
     read_meta,
 )
+from danube.training.engine import inner_torch_optimizers
 
 
 def _rng_state() -> ShardedObject:
@@ -93,16 +94,11 @@ def model_sharded_state_dict(model: List, metadata: dict) -> dict:
             for key, chunk in zip(_state_keys(model), model)}
 
 
-def _inner_torch_optimizers(optimizer) -> list:
-    chained = getattr(optimizer, "chained_optimizers", [optimizer])
-    return [o.optimizer for o in chained if getattr(o, "optimizer", None) is not None]
-
-
 def _init_adam_states(optimizer) -> None:
     """megatron-core 0.16's distributed optimizer, on torch's AdamW (no TE/apex), reads a
     `step` from every parameter state to build its state dict, even for loading: give a
     fresh optimizer zero states first (a no-op once it has stepped)."""
-    for inner in _inner_torch_optimizers(optimizer):
+    for inner in inner_torch_optimizers(optimizer):
         for group in inner.param_groups:
             for param in group["params"]:
                 state = inner.state[param]
@@ -122,7 +118,7 @@ def _restore_adam_steps(optimizer, loaded_state: dict) -> None:
     if len(steps) != 1:
         raise ValueError(f"checkpoint optimizer state has inconsistent Adam steps {steps}")
     step = float(steps.pop())
-    for inner in _inner_torch_optimizers(optimizer):
+    for inner in inner_torch_optimizers(optimizer):
         for state in inner.state.values():
             if "step" in state:
                 state["step"] = torch.tensor(step)

@@ -143,7 +143,7 @@ def use_torch_fused_paths(optimizer) -> None:
     `step()`) and foreach norms and scales. Set here, before the first step."""
     from megatron.core.optimizer import clip_grads
 
-    for inner in _inner_optimizers(optimizer):
+    for inner in inner_torch_optimizers(optimizer):
         for group in inner.param_groups:
             group["fused"], group["foreach"] = True, False
         inner.defaults["fused"], inner.defaults["foreach"] = True, False
@@ -151,7 +151,8 @@ def use_torch_fused_paths(optimizer) -> None:
     clip_grads.multi_tensor_scale_impl = _foreach_scale
 
 
-def _inner_optimizers(optimizer) -> list:
+def inner_torch_optimizers(optimizer) -> list:
+    """The torch optimizers inside megatron's (chained) optimizer."""
     chained = getattr(optimizer, "chained_optimizers", [optimizer])
     return [o.optimizer for o in chained if getattr(o, "optimizer", None) is not None]
 

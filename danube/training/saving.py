@@ -206,13 +206,12 @@ def finish_saves(trainer, blocking: bool = True) -> None:
     try:
         trainer.saves.maybe_finalize_async_calls(blocking=blocking)
     except CheckpointException as error:
-        step, path = trainer.pending_save or (None, None)
+        step, path = trainer.pending_save  # set by `save` for the one write in flight
         trainer.pending_save = None
         trainer.saves.async_calls.clear()
         keep = "none" if trainer.committed_step is None else \
             checkpoint_dir_name(trainer.committed_step)
-        if path is not None:
-            _remove_failed(path)
+        _remove_failed(path)
         trainer.log.info(
             f"warning: step {step}: the background write of checkpoint {path} failed "
             f"({describe_write_failure(trainer, path, error)}); the resume point stays {keep}")
