@@ -23,17 +23,17 @@ RUNS = ["results/danube_tiny", "results/danube_tiny_sft", "results/danube_tiny_d
 # (title, what it shows, the work, command)
 STAGES = [
     ("Pretraining", "danube_tiny learns the embedded prose and code: the loss falls",
-     "300 steps of 16 x 256 tokens (1.2M tokens; ETA on its own line)",
+     "100 steps of 8 x 256 tokens (205k tokens; ETA on its own line)",
      [PY, "launchers/pretrain.py"]),
     ("SFT", "chat fine-tuning on the embedded instructions: the validation loss falls",
-     "one epoch of the embedded chat set", [PY, "launchers/sft.py"]),
+     "48 steps of 8 conversations packed into 128-token rows", [PY, "launchers/sft.py"]),
     ("DPO", "preference tuning from the SFT model: reward accuracy rises",
-     "24 steps of 16 preference pairs", [PY, "launchers/dpo.py"]),
+     "12 steps of 16 preference pairs", [PY, "launchers/dpo.py"]),
     ("Evaluation", "the DPO model on the H2O-Danube base suite (offline data): a table",
-     "200 documents per task",
+     "30 documents per task",
      [PY, "eval/evaluate.py", "results/danube_tiny_dpo", "--tasks", "danube_base",
-      "--limit", "200"]),
-    ("Chat", "one question to the DPO model, answered on its topic",
+      "--limit", "30"]),
+    ("Chat", "one question to the DPO model: a docstring-style answer, the form it was tuned to",
      "one answer of at most 48 tokens",
      [PY, "launchers/chat.py", "results/danube_tiny_dpo", "--max-new-tokens", "48"]),
     ("Plots", "the three runs' curves as PNG files", "seconds",
@@ -55,9 +55,25 @@ def banner(index: int, title: str, purpose: str, work: str) -> str:
     return f"\n[{index}/{len(STAGES)}] {title}: {purpose}\n      ({work})"
 
 
+def with_precision(command: list, precision: str) -> list:
+    """The stage's command with `precision` (auto: unchanged): a Hydra override for the
+    training launchers, `--precision` for evaluation and chat, nothing for the plots."""
+    if precision == "auto":
+        return command
+    script = command[1]
+    if script in ("launchers/pretrain.py", "launchers/sft.py", "launchers/dpo.py"):
+        return [*command, f"trainer.precision={'bf16-mixed' if precision == 'bf16' else 32}"]
+    if script in ("eval/evaluate.py", "launchers/chat.py"):
+        return [*command, "--precision", precision]
+    return command
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--plan", action="store_true", help="print the stages; run nothing")
+    parser.add_argument("--precision", choices=["auto", "32", "bf16"], default="auto",
+                        help="every stage's precision (auto: bf16 where the CPU multiplies "
+                        "it natively, else 32; 32 reproduces an AVX2-only machine's work)")
     args = parser.parse_args()
     if args.plan:
         for index, (title, purpose, work, command) in enumerate(STAGES, 1):
@@ -66,6 +82,7 @@ def main() -> int:
         return 0
     started = time.monotonic()
     for index, (title, purpose, work, command) in enumerate(STAGES, 1):
+        command = with_precision(command, args.precision)
         print(banner(index, title, purpose, work), flush=True)
         stage_start = time.monotonic()
         run = subprocess.run(command, cwd=ROOT, input=CHAT_INPUT if title == "Chat" else None,
