@@ -28,12 +28,19 @@ Patches (all undone by `remove()`):
   7. `torch.cuda.Event` -> a wall-clock event (`record`, `synchronize`, `elapsed_time` in
      ms). The inference engine's text-generation controller times every step with CUDA
      events; a CPU torch raises "Tried to instantiate dummy base class Event".
+
+torch keeps function modes per thread: patch 5 is active in the thread that called `apply()`
+only. Code that runs megatron in another thread (the HTTP server's engine thread) enters
+`in_this_thread()` there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
+from typing import Iterator
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -51,6 +58,7 @@ _CUDA_TYPE_NAMES = {
 _RNG_LOGGER = "megatron.core.tensor_parallel.random"
 _saved: dict = {}
 _mode: TorchFunctionMode | None = None
+_mode_thread: int | None = None  # the thread that entered it
 
 
 def _is_cuda(device) -> bool:
@@ -149,7 +157,19 @@ def apply() -> bool:
     logging.getLogger(_RNG_LOGGER).addFilter(_saved["filter"])
     _mode = _CpuDeviceMode()
     _mode.__enter__()
+    global _mode_thread
+    _mode_thread = threading.get_ident()
     return True
+
+
+@contextlib.contextmanager
+def in_this_thread() -> Iterator[None]:
+    """Patch 5 in the calling thread too, while the block runs (nothing when not applied)."""
+    if _mode is None or _mode_thread == threading.get_ident():
+        yield
+        return
+    with _CpuDeviceMode():
+        yield
 
 
 def remove() -> None:

@@ -6,13 +6,16 @@
     python launchers/generate.py results/danube_tiny_dpo --mt-bench --output answers.jsonl
 
 --input: one JSON object per line, {"prompt": "..."} (raw text) or {"messages": [...]} (rendered
-with the checkpoint's chat template). Greedy by default; --temperature/--top-k/--top-p sample.
+with the checkpoint's chat template; the answer also ends at the template's turn markers).
+--output rows add "completion", "finish", "tokens" and "token_ids" (generated, EOS included).
+Greedy by default; --temperature/--top-k/--top-p sample.
 --mt-bench answers MT-Bench's 80 two-turn questions in FastChat's model_answer format.
 """
 
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 
@@ -67,17 +70,20 @@ def main(argv=None) -> int:
                 print(f"{count} MT-Bench answers: {args.output}")
                 return 0
             from danube.data.chat import ChatTemplate
+            from danube.inference.chat import chat_stops
 
             template = ChatTemplate.for_tokenizer(im.tokenizer) if any(
                 "messages" in r for r in records) else None
             prompts = [r["prompt"] if "prompt" in r else template.render(
                 r["messages"], add_generation_prompt=True) for r in records]
+            if template is not None:  # a chat answer also ends at the template's markers
+                sampling = replace(sampling, stop=chat_stops(template, sampling.stop))
             results = generate(im, prompts, sampling, batch=args.batch_size)
     except InferenceError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    rows = [{**record, "completion": r.text, "finish": r.finish, "tokens": len(r.tokens)}
-            for record, r in zip(records, results)]
+    rows = [{**record, "completion": r.text, "finish": r.finish, "tokens": len(r.tokens),
+             "token_ids": r.tokens} for record, r in zip(records, results)]
     if args.output:
         args.output.write_text("".join(json.dumps(row) + "\n" for row in rows))
         print(f"{len(rows)} completions: {args.output}")

@@ -121,3 +121,25 @@ def test_cuda_events_time_on_the_wall_clock(compat):
     end.record()
     end.synchronize()
     assert start.elapsed_time(end) >= 0.0
+
+
+def test_another_thread_needs_in_this_thread(compat):
+    """torch keeps function modes per thread: a thread sees CUDA devices rewritten only inside
+    `in_this_thread()` (the server's engine thread runs megatron there)."""
+    import threading
+
+    seen = {}
+
+    def work():
+        try:
+            torch.zeros(1, device="cuda")
+            seen["bare"] = "cpu"
+        except (AssertionError, RuntimeError):
+            seen["bare"] = "refused"
+        with cpu_compat.in_this_thread():
+            seen["inside"] = torch.zeros(1, device="cuda").device.type
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    assert seen == {"bare": "refused", "inside": "cpu"}

@@ -9,7 +9,7 @@ end-of-turn token (EOS), or at a template marker if the model writes one as text
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence
 
 from danube.data.chat import ChatTemplate
 from danube.inference.generate import Sampling, generate
@@ -18,12 +18,17 @@ from danube.inference.model import InferenceModel
 MARKERS = ("<|prompt|>", "<|system|>", "<|answer|>", "<|im_start|>", "<|im_end|>")
 
 
+def chat_stops(template: ChatTemplate, stop: Sequence[str] = ()) -> tuple:
+    """Stop strings of a chat answer: the template's turn markers (a small model may write one
+    as text instead of ending with EOS) and the caller's own, each once."""
+    return tuple(dict.fromkeys([m for m in MARKERS if m in template.source] + list(stop)))
+
+
 class ChatSession:
     def __init__(self, im: InferenceModel, sampling: Sampling, system: Optional[str] = None):
         self.im = im
         self.template = ChatTemplate.for_tokenizer(im.tokenizer)
-        stops = [m for m in MARKERS if m in self.template.source] + list(sampling.stop)
-        self.sampling = replace(sampling, stop=tuple(dict.fromkeys(stops)))
+        self.sampling = replace(sampling, stop=chat_stops(self.template, sampling.stop))
         self.system = system
         self.messages: List[dict] = []
         self.dropped = 0  # earlier turns left out to fit the context

@@ -9,6 +9,8 @@ surprise (see ../shared/notes/evaluation-anchors.md §4.2):
   tokenization strips it;
 - stop strings: the static engine stops only on the end-of-document token, so a stop string
   cuts the text afterwards (the answer ends before it);
+- the seed: megatron's controller samples from a generator seeded by the model config (the
+  engine's `random_seed` does not reach it), so `Sampling.seed` seeds that generator;
 - megatron pads the vocabulary; padded rows are masked out of the logits so a sampled token is
   always a real one (the Hugging Face export has no such rows).
 """
@@ -154,6 +156,10 @@ def _engine(im: InferenceModel, batch: int, max_seq_length: int, seed: int):
     context = StaticInferenceContext.from_config(config)
     wrapped = GPTInferenceWrapper(im.model, config, context)
     controller = TextGenerationController(wrapped, _StopAtEos(im.tokenizer))
+    # the controller samples from its own generator, seeded from the model config's
+    # `inference_sampling_seed` (42); the engine's `random_seed` seeds only torch's global one
+    # (and only in `generate`, not in `run_engine`): without this every seed samples alike
+    controller.sampling_rng.manual_seed(seed)
     import warnings
 
     with warnings.catch_warnings():
@@ -196,12 +202,41 @@ def _text_stream(on_text: Callable[[str], None], stop: Sequence[str]):
     return TextStream()
 
 
+class Cancelled(Exception):
+    """Raised out of `generate` when `cancelled()` turned true for every prompt of the batch
+    being generated (their clients went away)."""
+
+
+@contextlib.contextmanager
+def _cancellable(im: InferenceModel, cancelled: Optional[Callable[[], bool]]) -> Iterator[None]:
+    """Checks `cancelled()` before every forward step of the model (prefill and each decoded
+    token); the static engine has no abort of its own."""
+    if cancelled is None:
+        yield
+        return
+
+    def check(_module, _args):
+        if cancelled():
+            raise Cancelled()
+
+    handle = im.gpt.register_forward_pre_hook(check)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 @torch.inference_mode()
 def generate(im: InferenceModel, prompts: Sequence, sampling: Sampling,
-             on_text: Optional[Callable[[str], None]] = None, batch: int = 8
-             ) -> List[Generation]:
+             on_text: Optional[Callable[[str], None]] = None, batch: int = 8,
+             on_texts: Optional[Sequence[Optional[Callable[[str], None]]]] = None,
+             cancelled: Optional[Callable[[], bool]] = None) -> List[Generation]:
     """Prompts (strings, or token id lists used as given) -> generations, in order.
-    `on_text` streams the first prompt's answer as it is generated."""
+    `on_text` streams the first prompt's answer as it is generated; `on_texts` (one callable
+    or None per prompt) streams each. `cancelled()` true stops the work with `Cancelled`
+    (when it is checked, the caller has decided every prompt in flight is unwanted)."""
+    if on_text is not None:
+        on_texts = [on_text] + [None] * (len(prompts) - 1)
     problems = sampling.problems()
     if problems:
         raise InferenceError("; ".join(problems))
@@ -219,20 +254,23 @@ def generate(im: InferenceModel, prompts: Sequence, sampling: Sampling,
     # pretraining data's document separator
     eod = im.tokenizer.eos
     results: List[Generation] = []
-    with _real_vocab_only(im):
+    on_texts = list(on_texts or [None] * len(ids))
+    with _real_vocab_only(im), _cancellable(im, cancelled):
         for start in range(0, len(ids), batch):
             chunk = ids[start: start + batch]
             engine = _engine(im, len(chunk), longest, sampling.seed)
             params = sampling.megatron(eod)
-            request_ids, stream = [], None
+            request_ids, streams = [], []
             for n, tokens in enumerate(chunk):
                 rid = engine.scheduler.add_request(
                     prompt=im.tokenizer.detokenize(tokens), prompt_tokens=tokens,
                     sampling_params=params)
-                if on_text is not None and start == 0 and n == 0:
-                    stream = _text_stream(on_text, sampling.stop)
+                stream = None
+                if on_texts[start + n] is not None:
+                    stream = _text_stream(on_texts[start + n], sampling.stop)
                     engine.scheduler.streams[rid] = stream
                 request_ids.append(rid)
+                streams.append(stream)
             with _no_progress_bar():
                 engine.run_engine()
             for rid, tokens in zip(request_ids, chunk):
@@ -246,6 +284,7 @@ def generate(im: InferenceModel, prompts: Sequence, sampling: Sampling,
                 text, found = cut_at_stop(im.tokenizer.detokenize(body), sampling.stop)
                 finish = "stop" if found else "eos" if out and out[-1] == eod else "length"
                 results.append(Generation(tokens, out, text, finish))
-            if stream is not None:
-                stream.flush(results[0].text)
+            for stream, result in zip(streams, results[start:]):
+                if stream is not None:
+                    stream.flush(result.text)
     return results
