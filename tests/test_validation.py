@@ -224,7 +224,7 @@ def test_a_prefix_too_small_for_its_splits_is_refused(tmp_path):
 
 def test_a_split_the_run_reads_must_get_data():
     cfg = compose_pretrain_config("danube_tiny", ["model.data.splits_string='990,10,0'"])
-    assert any("gives the test split nothing but trainer.limit_test_batches=4" in p
+    assert any("gives the test split nothing but trainer.limit_test_batches=2" in p
                for p in validate(cfg))
     fine = compose_pretrain_config("danube_tiny", ["model.data.splits_string='990,10,0'",
                                                    "trainer.limit_test_batches=0"])

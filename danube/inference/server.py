@@ -43,6 +43,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from danube.inference.generate import Cancelled, Generation, Sampling, generate
@@ -284,6 +285,7 @@ class Engine:
         self.state = "loading"
         self.error: Optional[BaseException] = None
         self.started = time.monotonic()
+        self.created = int(time.time())
         self.ready = threading.Event()
         self.running = 0  # jobs in the engine call under way
         self.largest_batch = {"generate": 0, "score": 0}  # the most jobs run together
@@ -536,7 +538,7 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{
-            "id": options.name, "object": "model", "created": int(engine.started),
+            "id": options.name, "object": "model", "created": engine.created,
             "owned_by": "danube", "max_model_len": engine.im.config.max_position_embeddings}]}
 
     @app.get("/tokenizer_info")
@@ -773,8 +775,23 @@ def _stream(engine: Engine, jobs: List[Job], admit, release, request: Request, h
         return {**head, "object": kind, "choices": [
             {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}]}
 
+    results: Dict[int, Result] = {}
+    ended = []
+
+    def end() -> None:
+        """Once, however the response ends: done, or the client gone (then also when it left
+        before the first event, which the generator's `finally` never sees)."""
+        if ended:
+            return
+        ended.append(True)
+        if len(results) < len(jobs):
+            for job in jobs:
+                job.cancelled.set()
+            log.info("%s: client gone after %d of %d answers; cancelled", head["id"],
+                     len(results), len(jobs))
+        release()
+
     async def body():
-        results: Dict[int, Result] = {}
         try:
             if chat:
                 yield _sse(chunk(0, None, None, first=True))
@@ -799,12 +816,7 @@ def _stream(engine: Engine, jobs: List[Job], admit, release, request: Request, h
                                             [results[i] for i in order])})
             yield "data: [DONE]\n\n"
         finally:  # also when the client went away (the response task is cancelled)
-            if len(results) < len(jobs):
-                for job in jobs:
-                    job.cancelled.set()
-                log.info("%s: client gone after %d of %d answers; cancelled", head["id"],
-                         len(results), len(jobs))
-            release()
+            end()
 
     return StreamingResponse(body(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache"})
+                             headers={"Cache-Control": "no-cache"}, background=BackgroundTask(end))
