@@ -2,7 +2,7 @@
 #   make demo   the miniature Danube recipe on the embedded data (launchers/demo.py, each
 #               stage announced as [i/6]): pretrain danube_tiny, SFT it, DPO the SFT model
 #               (each stage resumes, or does nothing when done), the DPO model on the
-#               H2O-Danube base suite (30 documents per task, offline), one chat exchange
+#               H2O-Danube base suite (20 documents per task, offline), one chat exchange
 #               with it, the plots (results/plots), then the summary and what to try next
 #   make test   the test suite (what .ci/run calls)
 PYTHON ?= python3
