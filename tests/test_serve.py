@@ -391,3 +391,28 @@ def test_a_client_gone_mid_stream_frees_its_place_and_stops_the_work(init_checkp
         thread.join(10)
         hook.remove()
         engine.stop()
+
+
+def test_binding_beyond_localhost_is_said(init_checkpoint, monkeypatch, capsys):
+    """127.0.0.1 by default; any other --host prints that the API is reachable from other
+    machines (and, without --api-key, that nothing guards it). Nothing binds here."""
+    import importlib.util
+
+    import uvicorn
+
+    from danube.inference import server as serving
+
+    spec = importlib.util.spec_from_file_location("serve_launcher",
+                                                  ROOT / "launchers" / "serve.py")
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
+    bound = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self: bound.append(self.config.host))
+    monkeypatch.setattr(serving.Engine, "start", lambda self: None)
+    monkeypatch.setattr(serving.Engine, "stop", lambda self: None)
+    assert launcher.main([str(init_checkpoint)]) == 0
+    assert "reachable" not in capsys.readouterr().out
+    assert launcher.main([str(init_checkpoint), "--host", "0.0.0.0"]) == 0
+    said = capsys.readouterr().out
+    assert "reachable from other machines, without a key (add --api-key)" in said
+    assert bound == ["127.0.0.1", "0.0.0.0"]
