@@ -339,8 +339,8 @@ def test_429_beyond_the_in_flight_limit(init_checkpoint, megatron_world):
 def test_a_client_gone_mid_stream_frees_its_place_and_stops_the_work(init_checkpoint,
                                                                      megatron_world):
     """uvicorn in a thread of this process, the model slowed to 50 ms a token: a client that
-    hangs up after the first event frees its place at once and the generation stops (a few
-    more forward passes, not the 60 asked for)."""
+    hangs up after the first event, or before a non-streamed answer, frees its place at once
+    and the generation stops (a few more forward passes, not the 60 asked for)."""
     import uvicorn
 
     from danube.inference.model import open_checkpoint
@@ -382,6 +382,18 @@ def test_a_client_gone_mid_stream_frees_its_place_and_stops_the_work(init_checkp
             time.sleep(0.02)
         assert health["in_flight"] == 0 and health["running"] == 0, health
         assert time.monotonic() - gone < 1.5  # 60 tokens would take 3 s
+        assert len(forwards) < 30, len(forwards)
+        # a non-streamed request whose client gives up after 0.5 s: the same
+        forwards.clear()
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(url + "/v1/completions", json={**body, "stream": False}, timeout=0.5)
+        gone = time.monotonic()
+        while time.monotonic() - gone < 2:
+            health = httpx.get(url + "/health").json()
+            if health["in_flight"] == 0 and health["running"] == 0:
+                break
+            time.sleep(0.02)
+        assert health["in_flight"] == 0 and health["running"] == 0, health
         assert len(forwards) < 30, len(forwards)
         quick = httpx.post(url + "/v1/completions", json={**body, "stream": False,
                                                           "max_tokens": 2})

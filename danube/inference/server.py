@@ -21,8 +21,8 @@ Errors are OpenAI-shaped (`{"error": {"message", "type", "param", "code"}}`): 40
 not know or of the wrong type, a prompt too long for the context, a template that refuses the
 messages; 401 a wrong API key; 404 an unknown model; 413 a body over the limit; 422 a value
 out of range or a feature we do not implement (named); 429 more requests in flight than
-allowed; 503 while loading. A client that goes away mid-stream frees its place at once and,
-when it was alone in its batch, stops the generation.
+allowed; 503 while loading. A client that goes away (mid-stream, or before a non-streamed
+answer) frees its place and, when nobody else shares its engine call, stops the generation.
 """
 
 from __future__ import annotations
@@ -689,8 +689,18 @@ def _fit(im: InferenceModel, prompt_tokens: int, asked: Optional[int], name: str
 
 
 async def _wait(engine: Engine, job: Job, request: Request) -> Result:
+    """The job's result; a client that hangs up before it is ready cancels it (checked every
+    quarter second: uvicorn tells a route only when asked)."""
+    future = asyncio.wrap_future(engine.submit(job))
     try:
-        return await asyncio.wrap_future(engine.submit(job))
+        while True:
+            done, _ = await asyncio.wait({future}, timeout=0.25)
+            if done:
+                return future.result()
+            if await request.is_disconnected():
+                job.cancelled.set()
+                log.info("client gone before its answer; cancelled")
+                raise ApiError(499, "the client went away")
     except Cancelled:
         raise ApiError(499, "the request was cancelled") from None
     except InferenceError as error:
