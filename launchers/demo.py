@@ -36,8 +36,8 @@ STAGES = [
       "--limit", "20"]),
     ("Chat", "one question to the DPO model (greedy): a 7M model after 3 minutes has the "
      "answer's form, not its content",
-     "one answer of at most 48 tokens",
-     [PY, "launchers/chat.py", "results/danube_tiny_dpo", "--max-new-tokens", "48"]),
+     "one answer of at most 24 tokens",
+     [PY, "launchers/chat.py", "results/danube_tiny_dpo", "--max-new-tokens", "24"]),
     ("Plots", "the three runs' curves as PNG files", "seconds",
      [PY, "eval/plot.py", *RUNS, "--out", "results/plots"]),
 ]
