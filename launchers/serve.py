@@ -14,6 +14,7 @@ Routes, batching and errors: danube/inference/server.py; docs/evaluation.md, "Se
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -48,8 +49,9 @@ def main(argv=None) -> int:
                         help="largest request body (default 1 MiB; 413 beyond)")
     parser.add_argument("--served-model-name", help="the `model` clients send (default: the "
                         "run's name)")
-    parser.add_argument("--api-key", help="require `Authorization: Bearer <key>` (all routes "
-                        "but /health)")
+    parser.add_argument("--api-key", default=os.environ.get("DANUBE_API_KEY"),
+                        help="require `Authorization: Bearer <key>` (all routes but /health; "
+                        "default: $DANUBE_API_KEY, which keeps the key out of `ps`)")
     args = parser.parse_args(argv)
     if args.max_batch < 1 or args.max_pending < 1 or args.max_body_bytes < 1024:
         parser.error("--max-batch and --max-pending >= 1, --max-body-bytes >= 1024")

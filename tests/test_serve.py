@@ -301,6 +301,31 @@ def test_503_while_loading_then_ready(init_checkpoint, megatron_world):
     assert ready.status_code == 200 and ready.json()["data"][0]["id"] == NAME
 
 
+def test_an_api_key_guards_every_route_but_health(init_checkpoint, megatron_world):
+    from danube.inference.model import open_checkpoint
+    from danube.inference.server import Engine, ServeOptions, create_app
+
+    engine = Engine(lambda: open_checkpoint(init_checkpoint, "32"), max_batch=4)
+    app = create_app(engine, ServeOptions(name=NAME, api_key="k3y"))
+    engine.start()
+    assert engine.ready.wait(60)
+
+    async def scenario():
+        async with _asgi_client(app) as client:
+            return [await client.get("/v1/models"),
+                    await client.get("/v1/models", headers={"Authorization": "Bearer nope"}),
+                    await client.get("/v1/models", headers={"Authorization": "Bearer k3y"}),
+                    await client.get("/health")]
+
+    try:
+        none, wrong, right, health = asyncio.run(scenario())
+    finally:
+        engine.stop()
+    assert none.status_code == wrong.status_code == 401
+    assert none.json()["error"]["type"] == "authentication_error"
+    assert right.status_code == 200 and health.status_code == 200
+
+
 def test_429_beyond_the_in_flight_limit(init_checkpoint, megatron_world):
     from danube.inference.model import open_checkpoint
     from danube.inference.server import Engine, ServeOptions, create_app
