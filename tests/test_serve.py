@@ -453,3 +453,47 @@ def test_binding_beyond_localhost_is_said(init_checkpoint, monkeypatch, capsys):
     said = capsys.readouterr().out
     assert "reachable from other machines, without a key (add --api-key)" in said
     assert bound == ["127.0.0.1", "0.0.0.0"]
+
+
+def test_a_real_instruct_model_served_answers_as_transformers(tmp_path):
+    """A Llama-architecture model on Qwen 2.5's vocabulary with SmolLM2's ChatML template (real
+    files from registry packages), imported, served: the openai client's greedy chat answer
+    is transformers' `generate` on `apply_chat_template`'s ids, token for token, and ends at
+    the model's own end of turn <|im_end|> (its LM head made to emit it third), not at the
+    pretraining separator."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.test_conversion import convert
+    from tests.test_real_templates import TURNS, _instruct_model
+
+    hf = _instruct_model(tmp_path / "hf")
+    tokenizer = AutoTokenizer.from_pretrained(hf)
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    messages = TURNS[:1]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                           return_dict=False)
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    with torch.no_grad():
+        third = model.generate(torch.tensor([prompt]), max_new_tokens=3, do_sample=False,
+                               eos_token_id=None)[0, -1]
+        model.lm_head.weight[end] = 1.5 * model.lm_head.weight[third]
+    model.save_pretrained(hf)
+    theirs = model.generate(torch.tensor([prompt]), max_new_tokens=12,
+                            do_sample=False)[0, len(prompt):].tolist()
+    assert theirs[-1] == end and len(theirs) < 12
+    convert("hf_to_mcore.py", hf, tmp_path / "ours")
+
+    served = Server(tmp_path / "ours", tmp_path / "server.log")
+    try:
+        answer = served.client().chat.completions.create(
+            model="ours", messages=messages, temperature=0, max_tokens=12, logprobs=True)
+        ids = served.post("/tokenize", {"messages": messages}).json()["tokens"]
+    finally:
+        served.stop()
+    choice = answer.choices[0]
+    assert ids == prompt and answer.usage.prompt_tokens == len(prompt)
+    assert choice.finish_reason == "stop"
+    assert [t.token for t in choice.logprobs.content] == [
+        tokenizer.decode([t]) for t in theirs]
+    assert choice.message.content == tokenizer.decode(theirs[:-1])
