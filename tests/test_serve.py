@@ -497,3 +497,28 @@ def test_a_real_instruct_model_served_answers_as_transformers(tmp_path):
     assert [t.token for t in choice.logprobs.content] == [
         tokenizer.decode([t]) for t in theirs]
     assert choice.message.content == tokenizer.decode(theirs[:-1])
+
+
+def test_the_scorer_keeps_its_memory_cap_and_scores_as_the_native_backend(
+        init_checkpoint, megatron_world, monkeypatch):
+    """score() (what echo/logprobs answer with): one row at a time under a tiny logits cap
+    gives what a batch gives, and a continuation's summed log-probs equal the native lm-eval
+    backend's for the same (context, continuation)."""
+    from danube.evaluation.lm import DanubeLM
+    from danube.inference import score as scoring
+    from danube.inference.model import open_checkpoint
+
+    texts = ["def f(x):\n    return x + 1", "What does `os.getcwd` do? It returns a string.",
+             "Which module is it in?"]
+    with open_checkpoint(init_checkpoint, "32") as im:
+        seqs = [im.tokenizer.tokenize(t) for t in texts]
+        assert all(len(s) > 4 for s in seqs)
+        batched = scoring.score(im, seqs, top_n=2)
+        monkeypatch.setattr(scoring, "MAX_LOGIT_ELEMENTS", 1)
+        one_by_one = scoring.score(im, seqs, top_n=2)
+        native = DanubeLM(im, batch_size=4)._score([(s[:3], s[3:]) for s in seqs])
+    for a, b, (total, _) in zip(batched, one_by_one, native):
+        assert a.token_logprobs[0] is None and a.top[0] is None
+        assert max(abs(x - y) for x, y in zip(a.token_logprobs[1:], b.token_logprobs[1:])) < 1e-5
+        assert abs(sum(a.token_logprobs[3:]) - total) < 1e-4
+        assert all(top[0][1] >= lp for top, lp in zip(a.top[1:], a.token_logprobs[1:]))

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 
 from danube.inference.model import InferenceModel
 
+MAX_LOGIT_ELEMENTS = 1 << 28  # 1 GiB of fp32 logits (and as much again for log-softmax)
+
 
 @dataclass
 class Scored:
@@ -36,9 +38,14 @@ def score(im: InferenceModel, sequences: Sequence[Sequence[int]], top_n: int = 0
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
     out: List[Optional[Scored]] = [None] * len(sequences)
     pad = im.tokenizer.eod
-    for start in range(0, len(order), batch):
-        rows = order[start: start + batch]
-        width = max(len(sequences[i]) for i in rows)
+    start = 0
+    while start < len(order):
+        # at most `batch` rows, and no more fp32 logits than MAX_LOGIT_ELEMENTS (a 4k context
+        # over a 32k vocabulary is 0.5 GB a row)
+        width = len(sequences[order[start]])
+        fit = max(1, MAX_LOGIT_ELEMENTS // (width * im.vocab))
+        rows = order[start: start + min(batch, fit)]
+        start += len(rows)
         tokens = torch.full((len(rows), width), pad, dtype=torch.long)
         for r, i in enumerate(rows):
             tokens[r, : len(sequences[i])] = torch.tensor(list(sequences[i]), dtype=torch.long)
