@@ -80,6 +80,7 @@ def main() -> int:
     if args.plan:
         for index, (title, purpose, work, command) in enumerate(STAGES, 1):
             print(banner(index, title, purpose, work))
+            command = with_precision(command, args.precision)
             print("      $ " + " ".join(Path(c).name if c == PY else c for c in command))
         return 0
     started = time.monotonic()

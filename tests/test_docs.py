@@ -39,3 +39,28 @@ def test_the_demo_announces_six_stages_that_exist():
         if line.strip().startswith("$ "):
             script = line.split()[2]
             assert (ROOT / script).is_file(), script
+
+
+def test_the_demo_s_stated_work_is_the_shipped_configs_and_precision_reaches_every_stage():
+    """What each banner says the stage does is what the shipped config does (steps, batch), and
+    `--precision 32` (an AVX2 machine's work) reaches the five stages that run a model."""
+    import re
+
+    from danube.config.compose import compose_pretrain_config
+
+    run = subprocess.run([sys.executable, "launchers/demo.py", "--plan", "--precision", "32"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    plan = run.stdout
+    tiny = compose_pretrain_config("danube_tiny", [])
+    assert (f"({tiny.trainer.max_steps} steps of {tiny.model.global_batch_size} x "
+            f"{tiny.model.encoder_seq_length} tokens") in plan
+    for name in ("sft/danube_tiny_sft", "dpo/danube_tiny_dpo"):
+        text = (ROOT / "configs" / f"{name}.yaml").read_text()
+        steps = re.search(r"^  max_steps: (\d+)", text, re.M).group(1)
+        batch = re.search(r"^  global_batch_size: (\d+)", text, re.M).group(1)
+        assert f"({steps} steps of {batch} " in plan, (name, steps, batch)
+    commands = [line for line in plan.splitlines() if line.strip().startswith("$ ")]
+    assert [c.endswith("trainer.precision=32") for c in commands[:3]] == [True] * 3
+    assert [c.endswith("--precision 32") for c in commands[3:5]] == [True] * 2
+    assert "precision" not in commands[5]
