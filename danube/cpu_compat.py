@@ -145,7 +145,7 @@ def _targets() -> list:
 
 def apply() -> bool:
     """Install the patches if CUDA is absent. Idempotent. Returns whether they are active."""
-    global _mode
+    global _mode, _mode_thread
     if torch.cuda.is_available():
         return False
     if _mode is not None:
@@ -157,7 +157,6 @@ def apply() -> bool:
     logging.getLogger(_RNG_LOGGER).addFilter(_saved["filter"])
     _mode = _CpuDeviceMode()
     _mode.__enter__()
-    global _mode_thread
     _mode_thread = threading.get_ident()
     return True
 
@@ -174,11 +173,11 @@ def in_this_thread() -> Iterator[None]:
 
 def remove() -> None:
     """Undo `apply()` (used by the tests)."""
-    global _mode
+    global _mode, _mode_thread
     if _mode is None:
         return
     _mode.__exit__(None, None, None)
-    _mode = None
+    _mode, _mode_thread = None, None
     logging.getLogger(_RNG_LOGGER).removeFilter(_saved.pop("filter"))
     for (owner, name), original in _saved.items():
         setattr(owner, name, original)

@@ -51,6 +51,7 @@ class ChatSession:
 
     def reply(self, text: str, on_text: Optional[Callable[[str], None]] = None) -> str:
         self.messages.append({"role": "user", "content": text})
-        answer = generate(self.im, [self.prompt_ids()], self.sampling, on_text=on_text)[0].text
+        answer = generate(self.im, [self.prompt_ids()], self.sampling,
+                          on_texts=[on_text])[0].text
         self.messages.append({"role": "assistant", "content": answer})
         return answer

@@ -227,16 +227,13 @@ def _cancellable(im: InferenceModel, cancelled: Optional[Callable[[], bool]]) ->
 
 
 @torch.inference_mode()
-def generate(im: InferenceModel, prompts: Sequence, sampling: Sampling,
-             on_text: Optional[Callable[[str], None]] = None, batch: int = 8,
+def generate(im: InferenceModel, prompts: Sequence, sampling: Sampling, batch: int = 8,
              on_texts: Optional[Sequence[Optional[Callable[[str], None]]]] = None,
              cancelled: Optional[Callable[[], bool]] = None) -> List[Generation]:
     """Prompts (strings, or token id lists used as given) -> generations, in order.
-    `on_text` streams the first prompt's answer as it is generated; `on_texts` (one callable
-    or None per prompt) streams each. `cancelled()` true stops the work with `Cancelled`
-    (when it is checked, the caller has decided every prompt in flight is unwanted)."""
-    if on_text is not None:
-        on_texts = [on_text] + [None] * (len(prompts) - 1)
+    `on_texts` (one callable or None per prompt) streams each answer as it is generated.
+    `cancelled()` true stops the work with `Cancelled` (when it is checked, the caller has
+    decided every prompt in flight is unwanted)."""
     problems = sampling.problems()
     if problems:
         raise InferenceError("; ".join(problems))

@@ -282,6 +282,7 @@ class Engine:
         self.linger_s = linger_s
         self.queue: "queue.Queue[Optional[Job]]" = queue.Queue()
         self.im: Optional[InferenceModel] = None
+        self.template = None  # the checkpoint's ChatTemplate, set with `im`
         self.state = "loading"
         self.error: Optional[BaseException] = None
         self.started = time.monotonic()
@@ -308,7 +309,9 @@ class Engine:
             # megatron needs the CPU patches in this thread: entered here when another thread
             # applied them, applied here by the load otherwise
             with cpu_compat.in_this_thread(), self._load() as im:
-                self.im = im
+                from danube.data.chat import ChatTemplate
+
+                self.im, self.template = im, ChatTemplate.for_tokenizer(im.tokenizer)
                 self.state = "ready"
                 self.ready.set()
                 self._serve()
@@ -528,6 +531,14 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
     def release() -> None:
         state["in_flight"] -= 1
 
+    async def answers(jobs: List[Job], request: Request) -> List[Result]:
+        """The jobs' results, in order, holding one in-flight place meanwhile."""
+        admit()
+        try:
+            return await asyncio.gather(*[_wait(engine, job, request) for job in jobs])
+        finally:
+            release()
+
     @app.get("/health")
     async def health():
         body = {"status": engine.state, "model": options.name, "in_flight": state["in_flight"],
@@ -547,7 +558,7 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
         name = tok.hf.id_to_token
         return {"eos_token": name(tok.eos), "bos_token": name(tok.bos) if tok.bos is not None
                 else None, "pad_token": name(tok.pad) if tok.pad >= 0 else None,
-                "chat_template": _template(engine.im).source,
+                "chat_template": engine.template.source,
                 "model_max_length": engine.im.config.max_position_embeddings,
                 "vocab_size": engine.im.vocab}
 
@@ -558,7 +569,7 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
         if (body.prompt is None) == (body.messages is None):
             raise ApiError(400, "give prompt or messages")
         text = body.prompt if body.prompt is not None else _render(
-            engine.im, body.messages, body.add_generation_prompt)
+            engine.template, body.messages, body.add_generation_prompt)
         ids = engine.im.tokenizer.tokenize(text)
         if body.add_special_tokens and engine.im.tokenizer.bos is not None:
             ids = [engine.im.tokenizer.bos] + ids
@@ -578,12 +589,12 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
         im = engine.im
         from danube.inference.chat import chat_stops
 
-        prompt = im.tokenizer.tokenize(_render(im, body.messages, True))
+        prompt = im.tokenizer.tokenize(_render(engine.template, body.messages, True))
         limit = body.max_completion_tokens or body.max_tokens
         max_tokens = _fit(im, len(prompt), limit,
                           "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
         sampling = body.sampling(max_tokens)
-        sampling.stop = chat_stops(_template(im), sampling.stop)
+        sampling.stop = chat_stops(engine.template, sampling.stop)
         top = body.top_logprobs or 0
         job = Job(prompt, max_tokens, sampling, logprobs=top if body.logprobs else None)
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
@@ -591,11 +602,7 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
         if body.stream:
             return _stream(engine, [job], admit, release, request, head, chat=True,
                            usage=bool(body.stream_options and body.stream_options.include_usage))
-        admit()
-        try:
-            result = await _wait(engine, job, request)
-        finally:
-            release()
+        (result,) = await answers([job], request)
         message = {"role": "assistant", "content": result.text}
         choice = {"index": 0, "message": message, "finish_reason": result.finish,
                   "logprobs": _chat_logprobs(im, job, result) if body.logprobs else None}
@@ -620,11 +627,7 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
         if body.stream:
             return _stream(engine, jobs, admit, release, request, head, chat=False,
                            usage=bool(body.stream_options and body.stream_options.include_usage))
-        admit()
-        try:
-            results = await asyncio.gather(*[_wait(engine, job, request) for job in jobs])
-        finally:
-            release()
+        results = await answers(jobs, request)
         choices = []
         for index, (job, result) in enumerate(zip(jobs, results)):
             text = (im.tokenizer.detokenize(job.prompt) if job.echo else "") + result.text
@@ -637,21 +640,11 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
     return app
 
 
-def _template(im: InferenceModel):
-    from danube.data.chat import ChatTemplate
-
-    cached = getattr(im, "_serve_template", None)
-    if cached is None:
-        cached = ChatTemplate.for_tokenizer(im.tokenizer)
-        im._serve_template = cached
-    return cached
-
-
-def _render(im: InferenceModel, messages: List[ChatMessage], generation_prompt: bool) -> str:
+def _render(template, messages: List[ChatMessage], generation_prompt: bool) -> str:
     from danube.data.chat import ChatDataError
 
     try:
-        return _template(im).render([{"role": m.role, "content": m.text()} for m in messages],
+        return template.render([{"role": m.role, "content": m.text()} for m in messages],
                                     add_generation_prompt=generation_prompt)
     except ChatDataError as error:
         raise ApiError(400, f"messages: {error}", param="messages") from None
