@@ -177,6 +177,33 @@ def _instruct_model(path):
     return path
 
 
+def imported_model_ending_its_turn_third(tmp_path, messages):
+    """`_instruct_model` with its LM head made to emit <|im_end|> as the third token of the
+    answer to `messages`, imported to tmp_path/ours: (apply_chat_template's ids,
+    transformers' greedy answer ending at <|im_end|>, the HF tokenizer)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.test_conversion import convert
+
+    hf = _instruct_model(tmp_path / "hf")
+    tokenizer = AutoTokenizer.from_pretrained(hf)
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                           return_dict=False)
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    with torch.no_grad():
+        third = model.generate(torch.tensor([prompt]), max_new_tokens=3, do_sample=False,
+                               eos_token_id=None)[0, -1]
+        model.lm_head.weight[end] = 1.5 * model.lm_head.weight[third]
+    model.save_pretrained(hf)
+    theirs = model.generate(torch.tensor([prompt]), max_new_tokens=12,
+                            do_sample=False)[0, len(prompt):].tolist()
+    assert theirs[-1] == end and len(theirs) < 12
+    convert("hf_to_mcore.py", hf, tmp_path / "ours")
+    return prompt, theirs, tokenizer
+
+
 def test_sft_on_an_imported_instruct_model_has_transformers_loss(tmp_path):
     """HF instruct model (real vocabulary and template) -> hf_to_mcore -> SFT: step 1's loss
     (before any update) equals the mean cross-entropy over the assistant tokens that
@@ -290,28 +317,10 @@ def test_native_generation_stops_at_the_model_s_end_of_turn(tmp_path, megatron_w
     """Greedy generation of the imported instruct model (its LM head made to emit <|im_end|>
     as the third token) stops there, as transformers' does, not at the pretraining
     separator <|endoftext|> (the old stop: generation ran on to max_new_tokens)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from danube.inference.generate import Sampling, generate
     from danube.inference.model import open_checkpoint
-    from tests.test_conversion import convert
 
-    hf = _instruct_model(tmp_path / "hf")
-    tokenizer = AutoTokenizer.from_pretrained(hf)
-    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
-    prompt = tokenizer.apply_chat_template(TURNS[:1], add_generation_prompt=True, tokenize=True,
-                                           return_dict=False)
-    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    with torch.no_grad():
-        third = model.generate(torch.tensor([prompt]), max_new_tokens=3, do_sample=False,
-                               eos_token_id=None)[0, -1]
-        model.lm_head.weight[end] = 1.5 * model.lm_head.weight[third]
-    model.save_pretrained(hf)
-    theirs = model.generate(torch.tensor([prompt]), max_new_tokens=12,
-                            do_sample=False)[0, len(prompt):].tolist()
-    assert theirs[-1] == end and len(theirs) < 12
-    convert("hf_to_mcore.py", hf, tmp_path / "ours")
+    prompt, theirs, _ = imported_model_ending_its_turn_third(tmp_path, TURNS[:1])
     with open_checkpoint(tmp_path / "ours" / "checkpoint", "32", accelerator="cpu") as im:
         ours = generate(im, [prompt], Sampling(max_new_tokens=12))[0]
     assert ours.tokens == theirs and ours.finish == "eos"

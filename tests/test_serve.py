@@ -388,6 +388,17 @@ def test_a_client_gone_mid_stream_frees_its_place_and_stops_the_work(init_checkp
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
+
+    def settled() -> dict:
+        """/health once nothing is in flight or running (asserted within 2 s)."""
+        deadline = time.monotonic() + 2
+        while True:
+            health = httpx.get(url + "/health").json()
+            if health["in_flight"] == health["running"] == 0 or time.monotonic() > deadline:
+                assert health["in_flight"] == 0 and health["running"] == 0, health
+                return health
+            time.sleep(0.02)
+
     try:
         while not server.started:
             time.sleep(0.05)
@@ -400,25 +411,14 @@ def test_a_client_gone_mid_stream_frees_its_place_and_stops_the_work(init_checkp
                     if line.startswith("data:"):
                         break  # the first token, then hang up
         gone = time.monotonic()
-        while time.monotonic() - gone < 2:
-            health = httpx.get(url + "/health").json()
-            if health["in_flight"] == 0 and health["running"] == 0:
-                break
-            time.sleep(0.02)
-        assert health["in_flight"] == 0 and health["running"] == 0, health
+        settled()
         assert time.monotonic() - gone < 1.5  # 60 tokens would take 3 s
         assert len(forwards) < 30, len(forwards)
         # a non-streamed request whose client gives up after 0.5 s: the same
         forwards.clear()
         with pytest.raises(httpx.TimeoutException):
             httpx.post(url + "/v1/completions", json={**body, "stream": False}, timeout=0.5)
-        gone = time.monotonic()
-        while time.monotonic() - gone < 2:
-            health = httpx.get(url + "/health").json()
-            if health["in_flight"] == 0 and health["running"] == 0:
-                break
-            time.sleep(0.02)
-        assert health["in_flight"] == 0 and health["running"] == 0, health
+        settled()
         assert len(forwards) < 30, len(forwards)
         quick = httpx.post(url + "/v1/completions", json={**body, "stream": False,
                                                           "max_tokens": 2})
@@ -461,28 +461,10 @@ def test_a_real_instruct_model_served_answers_as_transformers(tmp_path):
     is transformers' `generate` on `apply_chat_template`'s ids, token for token, and ends at
     the model's own end of turn <|im_end|> (its LM head made to emit it third), not at the
     pretraining separator."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from tests.test_real_templates import TURNS, imported_model_ending_its_turn_third
 
-    from tests.test_conversion import convert
-    from tests.test_real_templates import TURNS, _instruct_model
-
-    hf = _instruct_model(tmp_path / "hf")
-    tokenizer = AutoTokenizer.from_pretrained(hf)
-    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
     messages = TURNS[:1]
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                           return_dict=False)
-    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    with torch.no_grad():
-        third = model.generate(torch.tensor([prompt]), max_new_tokens=3, do_sample=False,
-                               eos_token_id=None)[0, -1]
-        model.lm_head.weight[end] = 1.5 * model.lm_head.weight[third]
-    model.save_pretrained(hf)
-    theirs = model.generate(torch.tensor([prompt]), max_new_tokens=12,
-                            do_sample=False)[0, len(prompt):].tolist()
-    assert theirs[-1] == end and len(theirs) < 12
-    convert("hf_to_mcore.py", hf, tmp_path / "ours")
+    prompt, theirs, tokenizer = imported_model_ending_its_turn_third(tmp_path, messages)
 
     served = Server(tmp_path / "ours", tmp_path / "server.log")
     try:
