@@ -461,9 +461,9 @@ def _exit_stopped(message: str) -> None:
     the 75 from the script deciding to requeue. So the slow parts come first (multiprocessing
     children, e.g. dist_checkpointing's writer Manager holding our stdout; what interpreter
     exit would do and os._exit does not; bounded: our children block SIGTERM, so
-    multiprocessing's own exit would join them forever), then a barrier, then os._exit. Rank 0 also writes
-    $DANUBE_STOP_MARKER (the sbatch script sets it) after the save: the script requeues on it
-    even if srun's code was overwritten."""
+    multiprocessing's own exit would join them forever), then a barrier, then os._exit.
+    Rank 0 also writes $DANUBE_STOP_MARKER (the sbatch script sets it) after the save: the
+    script requeues on it even if srun's code was overwritten."""
     end_children()
     marker = os.environ.get(STOP_MARKER_ENV)
     if marker and is_rank0():
