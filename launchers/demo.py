@@ -34,8 +34,9 @@ STAGES = [
      "20 documents per task",
      [PY, "eval/evaluate.py", "results/danube_tiny_dpo", "--tasks", "danube_base",
       "--limit", "20"]),
-    ("Chat", "one question to the DPO model (greedy): after 205k tokens a 7M model has the "
-     "answer's form, not its content (docs/benchmarks.md: using the context)",
+    ("Chat", "one question to the DPO model (greedy): after 205k tokens of pretraining a 7M "
+     "model has the answer's form, not its content (docs/benchmarks.md: what the demo's "
+     "models learn)",
      "one answer of at most 24 tokens",
      [PY, "launchers/chat.py", "results/danube_tiny_dpo", "--max-new-tokens", "24"]),
     ("Plots", "the three runs' curves as PNG files", "seconds",
