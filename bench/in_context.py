@@ -1,8 +1,8 @@
 """Does a model use what is in its context? What a chat answer on the question's topic needs.
 
-    python bench/in_context.py results/danube_tiny [more checkpoints or run dirs] [--precision 32]
+    python bench/in_context.py results/danube_tiny [more runs or checkpoints] [--chat]
 
-Two probes, scored by one forward pass per batch (danube/inference/score.py):
+Three probes, the first two scored by one forward pass per batch (danube/inference/score.py):
 1. Copying: 16 sequences of 60 random token ids, each written twice. A model that copies
    (induction heads, Olsson et al. 2022, "In-context learning and induction heads") predicts
    the second copy far better than the first: the ratio of their mean NLL falls well below 1.
@@ -100,21 +100,13 @@ def _on_topic(questions: list, references: list, answers: list) -> int:
 
 def _chat_rows(im, label: str) -> list:
     """The held-out chat questions answered greedily: distinct answers, answers on topic."""
-    import json
-
-    from danube.data.chat import ChatTemplate
-    from danube.data.embedded_chat import ensure_embedded_chat
-    from danube.inference.chat import chat_stops
+    from danube.data.embedded_chat import held_out_questions
+    from danube.inference.chat import chat_prompts
     from danube.inference.generate import Sampling, generate
 
-    path = ensure_embedded_chat() / "validation.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines()][:64]
-    questions = [r["conversations"][0]["value"] for r in records]
-    references = [r["conversations"][1]["value"] for r in records]
-    template = ChatTemplate.for_tokenizer(im.tokenizer)
-    prompts = [template.render([{"role": "user", "content": q}], add_generation_prompt=True)
-               for q in questions]
-    sampling = Sampling(max_new_tokens=24, stop=chat_stops(template, ()))
+    questions, references = map(list, zip(*held_out_questions()[:64]))
+    prompts, sampling = chat_prompts(im, [[{"role": "user", "content": q}] for q in questions],
+                                     Sampling(max_new_tokens=24))
     answers = [g.text for g in generate(im, prompts, sampling, batch=64)]
     shuffled = references[1:] + references[:1]
     n = len(questions)

@@ -34,10 +34,9 @@ def free_port() -> int:
 
 
 def questions(count: int) -> list:
-    from danube.data.embedded_chat import ensure_embedded_chat
+    from danube.data.embedded_chat import held_out_questions
 
-    rows = (ensure_embedded_chat() / "validation.jsonl").read_text().splitlines()
-    asked = [json.loads(r)["conversations"][0]["value"] for r in rows]
+    asked = [question for question, _ in held_out_questions()]
     return [[{"role": "user", "content": asked[i % len(asked)]}] for i in range(count)]
 
 
@@ -116,15 +115,12 @@ def main() -> int:
 
     from dataclasses import replace
 
-    from danube.data.chat import ChatTemplate
-    from danube.inference.chat import chat_stops
+    from danube.inference.chat import chat_prompts
     from danube.inference.generate import Sampling, generate
 
     with open_checkpoint(checkpoint, args.precision) as im:
-        template = ChatTemplate.for_tokenizer(im.tokenizer)
-        prompts = [template.render(c, add_generation_prompt=True) for c in conversations]
-        sampling = Sampling(max_new_tokens=args.max_tokens)
-        sampling = replace(sampling, stop=chat_stops(template))
+        prompts, sampling = chat_prompts(im, conversations,
+                                         Sampling(max_new_tokens=args.max_tokens))
         generate(im, prompts[:2], replace(sampling, max_new_tokens=4), batch=2)  # warm-up
         start = time.perf_counter()
         results = generate(im, prompts, sampling, batch=16)

@@ -316,11 +316,19 @@ def test_dpo_on_an_imported_instruct_model_has_transformers_log_probs(tmp_path):
 def test_native_generation_stops_at_the_model_s_end_of_turn(tmp_path, megatron_world):
     """Greedy generation of the imported instruct model (its LM head made to emit <|im_end|>
     as the third token) stops there, as transformers' does, not at the pretraining
-    separator <|endoftext|> (the old stop: generation ran on to max_new_tokens)."""
-    from danube.inference.generate import Sampling, generate
+    separator <|endoftext|> (the old stop: generation ran on to max_new_tokens). The same from
+    the messages through `chat_prompts` (what the bench scripts answer with): its prompt is
+    apply_chat_template's ids, its stops the template's turn markers."""
+    from danube.inference.chat import chat_prompts
+    from danube.inference.generate import Sampling, encode, generate
     from danube.inference.model import open_checkpoint
 
     prompt, theirs, _ = imported_model_ending_its_turn_third(tmp_path, TURNS[:1])
     with open_checkpoint(tmp_path / "ours" / "checkpoint", "32", accelerator="cpu") as im:
         ours = generate(im, [prompt], Sampling(max_new_tokens=12))[0]
+        texts, sampling = chat_prompts(im, [TURNS[:1]], Sampling(max_new_tokens=12))
+        assert encode(im, texts[0], sampling.add_bos) == prompt
+        assert "<|im_end|>" in sampling.stop and "<|im_start|>" in sampling.stop
+        from_messages = generate(im, texts, sampling)[0]
     assert ours.tokens == theirs and ours.finish == "eos"
+    assert from_messages.tokens == theirs and from_messages.finish == "eos"

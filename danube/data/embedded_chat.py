@@ -122,6 +122,14 @@ def ensure_embedded_chat(cache_dir: Path | None = None) -> Path:
     return final
 
 
+def held_out_questions(cache_dir: Path | None = None) -> List[Tuple[str, str]]:
+    """(question, its reference answer): the first exchange of every validation conversation
+    (functions held out of the SFT set), in the file's order."""
+    path = ensure_embedded_chat(cache_dir) / EMBEDDED_CHAT["embedded:chat_validation"]
+    turns = [json.loads(line)["conversations"] for line in path.read_text().splitlines()]
+    return [(t[0]["value"], t[1]["value"]) for t in turns]
+
+
 def resolve_chat_files(file_path, cache_dir: Path | None) -> List[str]:
     """`embedded:chat*` names -> their cached files; other paths as given."""
     paths = [file_path] if isinstance(file_path, str) else list(file_path)

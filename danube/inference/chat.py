@@ -9,7 +9,7 @@ end-of-turn token (EOS), or at a template marker if the model writes one as text
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from danube.data.chat import ChatTemplate
 from danube.inference.generate import Sampling, generate
@@ -22,6 +22,16 @@ def chat_stops(template: ChatTemplate, stop: Sequence[str] = ()) -> tuple:
     """Stop strings of a chat answer: the template's turn markers (a small model may write one
     as text instead of ending with EOS) and the caller's own, each once."""
     return tuple(dict.fromkeys([m for m in MARKERS if m in template.source] + list(stop)))
+
+
+def chat_prompts(im: InferenceModel, conversations: Sequence[List[dict]], sampling: Sampling
+                 ) -> Tuple[List[str], Sampling]:
+    """Conversations (lists of messages) rendered with the checkpoint's chat template and the
+    generation prompt, and `sampling` whose answers also end at the template's turn markers:
+    what `generate` takes to answer them as chat.py would."""
+    template = ChatTemplate.for_tokenizer(im.tokenizer)
+    prompts = [template.render(list(c), add_generation_prompt=True) for c in conversations]
+    return prompts, replace(sampling, stop=chat_stops(template, sampling.stop))
 
 
 class ChatSession:
