@@ -25,10 +25,12 @@ STAGES = [
     ("Pretraining", "danube_tiny learns the embedded prose and code: the loss falls",
      "100 steps of 8 x 256 tokens (205k tokens; ETA on its own line)",
      [PY, "launchers/pretrain.py"]),
-    ("SFT", "chat fine-tuning on the embedded instructions: the validation loss falls",
+    ("SFT", "chat fine-tuning on the embedded instructions: the validation loss falls from "
+     "the pretrained model's (step 0)",
      "48 steps of 8 conversations packed into 128-token rows", [PY, "launchers/sft.py"]),
-    ("DPO", "preference tuning from the SFT model: the preference loss falls from ln 2, the "
-     "reward margin grows",
+    ("DPO", "preference tuning from the SFT model: from step 0's ln 2 = 0.693 and accuracy 0 "
+     "(the policy is its reference there), the preference loss falls, the reward accuracy "
+     "rises and the margin grows",
      "12 steps of 16 preference pairs", [PY, "launchers/dpo.py"]),
     ("Evaluation", "the DPO model on the H2O-Danube base suite (offline data): a table",
      "20 documents per task",

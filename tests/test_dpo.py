@@ -16,7 +16,7 @@ from danube.data.chat import ChatDataError, ChatTemplate
 from danube.data.dpo import build_dpo_dataset, dpo_step_batches, encode_pair
 from danube.data.tokenizer import load_tokenizer
 from danube.training.dpo import preference_loss
-from tests.conftest import run_dpo, train_records
+from tests.conftest import read_metrics, run_dpo, train_records
 
 LOG2 = math.log(2.0)
 LOG2_FP32 = float(torch.tensor(LOG2, dtype=torch.float32))  # what an fp32 run computes exactly
@@ -296,6 +296,41 @@ def test_resume_equals_uninterrupted(tmp_path, init_checkpoint, pairs_file, dpo_
     assert list(records) == [3, 4]
     for step in records:
         assert records[step]["loss"] == dpo_reference[0][step]["loss"], step
+
+
+def test_init_validation_is_step_zero_s_and_changes_no_training(tmp_path, init_checkpoint,
+                                                               pairs_file, dpo_reference):
+    """trainer.run_init_validation: a validation before the first step, logged at step 0,
+    where the policy is its reference: the DPO loss of zero rewards, -log sigmoid(0) = ln 2,
+    and accuracy 0 (every pair a tie; chosen must win strictly). The training that follows is
+    the reference run's bit for bit (validation draws no training data), and a resumed run
+    does not validate at step 0 again."""
+    import shutil
+
+    common = [*_common(tmp_path, init_checkpoint, pairs_file), *_packed(False),
+              f"model.data.data_prefix.validation={pairs_file}", "trainer.limit_val_batches=1",
+              "trainer.val_check_interval=4", "trainer.run_init_validation=true"]
+    run_dpo([*common, "exp_manager.name=init_val"])
+    validations = [r for r in read_metrics(tmp_path / "init_val") if "val_loss" in r]
+    assert [r["step"] for r in validations] == [0, 4]
+    zero, last = validations
+    assert zero["val_preference_loss"] == pytest.approx(LOG2, abs=1e-6)
+    assert zero["val_acc"] == 0.0 and zero["val_rewards_margins"] == 0.0
+    assert last["val_loss"] < zero["val_loss"] and last["val_acc"] > 0.5
+    records = train_records(tmp_path / "init_val")
+    for step, ref in dpo_reference[0].items():
+        assert records[step]["loss"] == ref["loss"], step
+    # the demo's summary shows both ends: where validation started and where it ended
+    from danube.training.metrics import summarize
+
+    row = summarize([tmp_path / "init_val"]).splitlines()[1]
+    assert f"0.693 -> {last['val_loss']:.3f}" in row and f"0.00 -> {last['val_acc']:.2f}" in row
+
+    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "init_val" / "checkpoints" / "step_00000002",
+                    tmp_path / "resumed" / "checkpoints" / "step_00000002")
+    run_dpo([*common, "exp_manager.name=resumed"])
+    assert [r["step"] for r in read_metrics(tmp_path / "resumed") if "val_loss" in r] == [4]
 
 
 def test_a_reference_that_is_not_the_model_stops_the_run(tmp_path, init_checkpoint,

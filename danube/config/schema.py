@@ -30,6 +30,11 @@ class TrainerConfig:
     """Run validation every this many steps (and after the last)."""
     limit_val_batches: int = 4
     """Global batches per validation run; 0 disables validation."""
+    run_init_validation: bool = False
+    """Validate once before the first step of a fresh run, logged at step 0: the starting point
+    the validation curves move from (NeMo-Aligner's trainers' `run_init_validation`). In DPO it
+    reads ln 2 = 0.693 and accuracy 0, the policy being its reference there. Not on a resume;
+    nothing where validation is off (limit_val_batches=0, no validation data)."""
     limit_test_batches: int = 0
     """Global batches of the test split evaluated after training; 0 skips it."""
     log_every_n_steps: int = 10

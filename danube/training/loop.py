@@ -380,6 +380,8 @@ def _train_loop(trainer: Trainer, steps: Iterator[StepData]) -> None:
     cfg, t, recipe = trainer.cfg, trainer.cfg.trainer, trainer.recipe
     every = cfg.exp_manager.checkpoint_callback_params.every_n_train_steps
     trainer.log.start(trainer.step)
+    if t.run_init_validation and trainer.step == 0 < t.max_steps:
+        _validate(trainer, "val", t.limit_val_batches)
     window_time, window_tokens = 0.0, 0  # training time only: not validation, not saving
     poisoned = _injected_nan_steps()
     skipped_in_a_row = 0

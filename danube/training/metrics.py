@@ -110,11 +110,11 @@ def read_records(run: Path) -> List[dict]:
 
 def summarize(run_dirs) -> str:
     """A table of finished stages from their metrics.jsonl: steps, first and last training
-    loss, last validation loss, first and last validation reward accuracy (DPO), newest
-    checkpoint."""
+    loss, first and last validation loss and reward accuracy (DPO), newest checkpoint. The
+    first validation is step 0's with trainer.run_init_validation."""
     from danube.paths import latest_checkpoint
 
-    rows = [("stage", "steps", "first loss", "last loss", "last val_loss", "val_acc",
+    rows = [("stage", "steps", "first loss", "last loss", "val_loss", "val_acc",
              "checkpoint")]
     for run in map(Path, run_dirs):
         records = read_records(run)
@@ -125,7 +125,7 @@ def summarize(run_dirs) -> str:
         rows.append((run.name, str(max(train, default=0)),
                      f"{train[min(train)]:.3f}" if train else "-",
                      f"{train[max(train)]:.3f}" if train else "-",
-                     f"{val[-1]:.3f}" if val else "-",
+                     f"{val[0]:.3f} -> {val[-1]:.3f}" if val else "-",
                      f"{acc[0]:.2f} -> {acc[-1]:.2f}" if acc else "-",
                      str(newest) if newest else "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
