@@ -44,10 +44,13 @@ for _ in $(seq "$(nproc)"); do
     (echo "$BASHPID" > "$root/$name-load/cgroup.procs"; exec python3 -c "while True: pass") &
     loads+=($!)
 done
-cleanup() { kill "${loads[@]}" 2>/dev/null || true; wait 2>/dev/null || true
-            rmdir "$root/$name-load" 2>/dev/null || true; }
+cleanup() { kill "${loads[@]}" 2>/dev/null || true; wait "${loads[@]}" 2>/dev/null || true
+            rmdir "$root/$name-load" "$root/$name" 2>/dev/null || true; }
 trap cleanup EXIT
-echo $$ > "$root/$name/cgroup.procs"
 export ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
 echo "slow machine: weight $share of 1024 against $(nproc) busy loops, AVX2 kernels" >&2
-"$@"
+set +e
+(echo "$BASHPID" > "$root/$name/cgroup.procs"; exec "$@")
+status=$?
+set -e
+exit $status
