@@ -44,8 +44,15 @@ for _ in $(seq "$(nproc)"); do
     (echo "$BASHPID" > "$root/$name-load/cgroup.procs"; exec python3 -c "while True: pass") &
     loads+=($!)
 done
-cleanup() { kill "${loads[@]}" 2>/dev/null || true; wait "${loads[@]}" 2>/dev/null || true
-            rmdir "$root/$name-load" "$root/$name" 2>/dev/null || true; }
+cleanup() {
+    kill "${loads[@]}" 2>/dev/null || true
+    wait "${loads[@]}" 2>/dev/null || true
+    for _ in $(seq 50); do  # a group whose last task just exited may be busy for a moment
+        rmdir "$root/$name-load" "$root/$name" 2>/dev/null || true
+        [[ -d $root/$name-load || -d $root/$name ]] || break
+        sleep 0.1
+    done
+}
 trap cleanup EXIT
 export ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
 echo "slow machine: weight $share of 1024 against $(nproc) busy loops, AVX2 kernels" >&2

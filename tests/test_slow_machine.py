@@ -55,5 +55,5 @@ def test_the_command_runs_weighted_with_avx2_kernels_and_the_load_ends_with_it()
     kernels, group, weight = run.stdout.split()
     assert kernels == "avx2" and "danube-slow-" in group
     assert weight in ("512", str(512 * 100 // 1024))  # v1 shares, v2 weight
-    assert not Path(group).exists()  # removed afterwards, and the busy loops ended
+    assert not Path(group).exists() and not Path(group + "-load").exists()  # both removed
     assert _busy_loops() == before
