@@ -8,7 +8,8 @@
 #   bench/slow_machine.sh [--share N] -- COMMAND ...
 #
 # --share: the command's weight out of 1024 (default 340: on the 2-core AVX512-BF16 EPYC of
-# 2026-12-06, 3,550-3,835 tokens/s alone, it gives 1,200-1,740, ~1,350). Calibrate on another
+# 2026-12-06, 3,550-3,835 tokens/s alone, it gave 1,130-1,280 in a 30-step run and 1,009-1,533
+# over the demo's 100 steps). Calibrate on another
 # machine by the tokens/s a short pretraining prints:
 #   bench/slow_machine.sh -- .venv/bin/python launchers/pretrain.py trainer.precision=32 \
 #       trainer.max_steps=30 exp_manager.name=calibrate
@@ -17,28 +18,26 @@
 # speed, then all wait, and spinning threads burn the quota; the suite took 27 min under it
 # against 15.6 here.)
 set -euo pipefail
+usage() { echo "usage: $0 [--share N] -- COMMAND ..." >&2; exit 2; }
 share=340
 while [[ $# -gt 0 && $1 != "--" ]]; do
     case $1 in
         --share) share=$2; shift 2 ;;
-        *) echo "usage: $0 [--share N] -- COMMAND ..." >&2; exit 2 ;;
+        *) usage ;;
     esac
 done
 [[ ${1:-} == "--" ]] && shift
-[[ $# -gt 0 ]] || { echo "usage: $0 [--share N] -- COMMAND ..." >&2; exit 2; }
+[[ $# -gt 0 ]] || usage
 
 name=danube-slow-$$
 if [[ -d /sys/fs/cgroup/cpu && ! -f /sys/fs/cgroup/cgroup.controllers ]]; then  # cgroup v1
-    root=/sys/fs/cgroup/cpu
-    mkdir "$root/$name" "$root/$name-load"
-    echo "$share" > "$root/$name/cpu.shares"
-    echo $((1024 - share)) > "$root/$name-load/cpu.shares"
+    root=/sys/fs/cgroup/cpu file=cpu.shares scale=1024
 else                                                                             # cgroup v2
-    root=/sys/fs/cgroup
-    mkdir "$root/$name" "$root/$name-load"
-    echo $((share * 100 / 1024)) > "$root/$name/cpu.weight"
-    echo $(((1024 - share) * 100 / 1024)) > "$root/$name-load/cpu.weight"
+    root=/sys/fs/cgroup file=cpu.weight scale=100
 fi
+mkdir "$root/$name" "$root/$name-load"
+echo $((share * scale / 1024)) > "$root/$name/$file"
+echo $(((1024 - share) * scale / 1024)) > "$root/$name-load/$file"
 loads=()
 for _ in $(seq "$(nproc)"); do
     (echo "$BASHPID" > "$root/$name-load/cgroup.procs"; exec python3 -c "while True: pass") &
