@@ -3,7 +3,8 @@
     python launchers/chat.py results/danube_tiny_dpo [--system "Be brief."] [--temperature 0.7]
 
 Type a message and Enter. /reset starts over, /exit (or Ctrl-D) ends. Input may be piped:
-`printf 'hello\\n/exit\\n' | python launchers/chat.py <ckpt>`.
+`printf 'hello\\n/exit\\n' | python launchers/chat.py <ckpt>`; piped lines are echoed after
+`you> `, so the output reads as the conversation.
 """
 
 import argparse
@@ -36,12 +37,15 @@ def main(argv=None) -> int:
         with open_checkpoint(args.checkpoint, args.precision) as im:
             session = ChatSession(im, sampling, args.system)
             print(f"chatting with {im.path} (/reset, /exit)", flush=True)
+            echo = not sys.stdin.isatty()  # piped input: the transcript shows what was asked
             while True:
                 show("you> ")
                 line = sys.stdin.readline()
                 if not line:  # EOF
                     print()
                     break
+                if echo:
+                    show(line if line.endswith("\n") else line + "\n")
                 text = line.strip()
                 if text in ("/exit", "/quit"):
                     break

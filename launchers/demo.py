@@ -98,8 +98,7 @@ def main() -> int:
                   "output above; running `make demo` again resumes where it stopped",
                   file=sys.stderr)
             return run.returncode
-        lead = "\n" if title == "Chat" else ""  # after the chat's last prompt
-        print(f"{lead}      done in {time.monotonic() - stage_start:.0f} s", flush=True)
+        print(f"      done in {time.monotonic() - stage_start:.0f} s", flush=True)
     print(f"\nThe recipe, every stage ({(time.monotonic() - started) / 60:.1f} min):")
     subprocess.run([PY, "launchers/summary.py", *RUNS], cwd=ROOT, check=True)
     print("\nOutputs: " + ", ".join(f"{r}/ (checkpoints, metrics.jsonl, config.yaml)"

@@ -229,6 +229,11 @@ def test_chat_driven_by_a_person_keeps_the_conversation(init_checkpoint, model):
     expected.append(session.reply(turns[2]))
     assert answers == [e.split("\n")[0] for e in expected]
     assert "(conversation cleared)" in result.stdout
+    # piped input is echoed: the transcript shows each question right before its answer
+    lines = result.stdout.splitlines()
+    asked = [lines[i - 1] for i, line in enumerate(lines) if line.startswith("danube> ")]
+    assert asked == [f"you> {turn}" for turn in turns]
+    assert "you> /reset" in lines and lines[-1] == "you> /exit"
     assert expected[0] == expected[2]  # /reset really forgot the first exchange
 
 
