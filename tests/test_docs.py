@@ -43,7 +43,7 @@ def test_the_demo_announces_six_stages_that_exist():
 
 def test_the_demo_s_stated_work_is_the_shipped_configs_and_precision_reaches_every_stage():
     """What each banner says the stage does is what the shipped config does (steps, batch), and
-    `--precision 32` (an AVX2 machine's work) reaches the five stages that run a model."""
+    `--precision 32`, the default, reaches the five stages that run a model."""
     import re
 
     from danube.config.compose import compose_pretrain_config
@@ -64,3 +64,10 @@ def test_the_demo_s_stated_work_is_the_shipped_configs_and_precision_reaches_eve
     assert [c.endswith("trainer.precision=32") for c in commands[:3]] == [True] * 3
     assert [c.endswith("--precision 32") for c in commands[3:5]] == [True] * 2
     assert "precision" not in commands[5]
+    # fp32 is the default: every machine runs the same recipe (auto would be bf16 on some)
+    default = subprocess.run([sys.executable, "launchers/demo.py", "--plan"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=60)
+    assert default.stdout == plan
+    auto = subprocess.run([sys.executable, "launchers/demo.py", "--plan", "--precision", "auto"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
+    assert "precision" not in auto
