@@ -13,7 +13,7 @@
 # machine by the tokens/s a short pretraining prints:
 #   bench/slow_machine.sh -- .venv/bin/python launchers/pretrain.py trainer.precision=32 \
 #       trainer.max_steps=30 exp_manager.name=calibrate
-# The demo's work on those machines is fp32 (`auto` picks it there): pass --precision 32.
+# The demo runs fp32 by default, which is also what `auto` picks on those machines.
 # (A CPU quota, cpu.cfs_quota_us, is the worse stand-in: the command's threads run at full
 # speed, then all wait, and spinning threads burn the quota; the suite took 27 min under it
 # against 15.6 here.)

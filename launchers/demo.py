@@ -6,7 +6,8 @@
 Every stage runs in fp32 unless `--precision` says otherwise: the configs' `auto` would pick
 bf16 on CPUs with AVX512-BF16/AMX and fp32 on the others, two different runs, and the demo's
 figures should be the same on every machine (fp32 on AVX2 and AVX512 kernels differs only by
-rounding: validation losses within 0.02, the same chat answer; docs/benchmarks.md).
+rounding: pretraining and SFT validation losses within 0.03, DPO's within 0.07, the same chat
+answer; docs/benchmarks.md).
 
 Each stage is announced with what it is for and how much work it is, runs as the user would
 run it (its own launcher, its own ETA line), and the end prints the summary table, where the
